@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random checkpoints of each SigLIP family, test images, the reference scorer."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of retrying
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from checkpoints import FAMILIES, build_checkpoint  # noqa: E402
+
+LABELS = ["dog", "Cat", "golden retriever", "BEACH", "mountain", "red car", "blue sky", "Tree",
+          "old house", "person", "city street", "night", "sunset", "food", "pizza", "flower",
+          "bird", "boat", "snow", "river", "Bridge", "portrait", "Macro", "wedding"]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """family -> saved tiny checkpoint directory."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {family: build_checkpoint(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def checkpoint(checkpoints, family) -> Path:
+    return checkpoints[family]
+
+
+def make_image(path: Path, size: tuple[int, int], seed: int = 0):
+    """A smooth-ish random picture (gradients + blocks), saved losslessly unless the suffix says JPEG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * rng.uniform(0.2, 2) + yy * rng.uniform(0.2, 2) + rng.uniform(0, 255)) % 256
+                     for _ in range(3)], axis=-1)
+    noise = rng.integers(0, 40, size=(h, w, 3))
+    Image.fromarray(((base + noise) % 256).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> list[Path]:
+    """Lossless test images of different sizes and aspect ratios."""
+    root = tmp_path_factory.mktemp("images")
+    sizes = [(64, 48), (37, 120), (200, 90), (33, 33)]
+    return [make_image(root / f"img{i}.png", size, seed=i) for i, size in enumerate(sizes)]
+
+
+def reference_scores(checkpoint: Path, image_paths, labels, **processor_kwargs) -> np.ndarray:
+    """transformers itself: sigmoid(model(**processor(...)).logits_per_image), full forward, fp32."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    prompts = [f"This is a photo of {label}.".lower() for label in labels]
+    pictures = [Image.open(p) for p in image_paths]
+    inputs = processor(text=prompts, images=pictures, padding="max_length", max_length=64,
+                       return_tensors="pt", **processor_kwargs)
+    with torch.no_grad():
+        return torch.sigmoid(model(**inputs).logits_per_image).numpy()
+
+
+def make_settings(checkpoint: Path, **overrides):
+    from visual_buffet_siglip import Settings
+
+    values = {"model": str(checkpoint), "labels": LABELS, "confidence_threshold": 0.0, "max_tags": 1000,
+              "device": "cpu", "dtype": "float32", "text_cache": False}
+    values.update(overrides)
+    return Settings.from_mapping(values)

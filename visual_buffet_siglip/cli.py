@@ -1,0 +1,294 @@
+"""`visual-buffet-siglip`: the standalone debug runner.
+
+Exit codes: 0 every image tagged, 1 some images failed (their errors are in
+the output), 2 usage, configuration or model errors. No traceback is shown
+unless --verbose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from . import __version__
+from .config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("visual_buffet_siglip")
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
+                            ".heic", ".heif", ".avif", ".hif"})
+
+
+class UsageError(Exception):
+    """A command-line mistake; exit code 2."""
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+def expand_paths(paths: Sequence[str], recursive: bool = False) -> Iterator[str]:
+    """Image paths from files and directories, as the user named them, sorted within each directory.
+
+    A named file is always included (a bad one becomes an error record); inside
+    directories only files with image suffixes count. Streams, so 100,000 files
+    never sit in one list.
+    """
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            yield from _walk(path, recursive)
+        else:
+            yield raw
+
+
+def _walk(folder: Path, recursive: bool) -> Iterator[str]:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        log.warning("cannot list %s: %s", folder, exc)
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            if recursive and not entry.name.startswith("."):
+                yield from _walk(Path(entry.path), recursive)
+        elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and not entry.name.startswith("."):
+            yield os.path.join(str(folder), entry.name)
+
+
+# --- settings -------------------------------------------------------------------------------
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The config file's [plugins.siglip] block (or defaults) with command-line overrides applied."""
+    settings = load_settings(args.config) if getattr(args, "config", None) else Settings.from_mapping({})
+    overrides = {key: getattr(args, attr) for key, attr in _OVERRIDES
+                 if getattr(args, attr, None) is not None}
+    if "labels_file" in overrides:
+        overrides["labels_file"] = str(Path(overrides["labels_file"]).resolve())
+    return settings.replace(**overrides) if overrides else settings
+
+
+_OVERRIDES = (("model", "model"), ("confidence_threshold", "threshold"), ("max_tags", "max_tags"),
+              ("labels_file", "labels_file"), ("batch_size", "batch_size"), ("device", "device"),
+              ("dtype", "dtype"), ("attention", "attention"), ("quantization", "quantization"),
+              ("decode", "decode"), ("max_num_patches", "max_num_patches"))
+
+
+def _add_settings_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML file with a [plugins.siglip] block")
+    parser.add_argument("--model", help="registry id, SigLIP hub id or local directory")
+    parser.add_argument("--threshold", type=float, help="confidence_threshold (default 0.01)")
+    parser.add_argument("--max-tags", type=int, help="max_tags (default 50)")
+    parser.add_argument("--labels-file", metavar="FILE", help="one label a line; replaces the built-in vocabulary")
+    parser.add_argument("--batch-size", type=_batch_size, help="'auto' or 1..1024")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
+    parser.add_argument("--dtype", help="auto, float16, bfloat16, float32")
+    parser.add_argument("--attention", help="auto, sdpa, flash_attention_2, eager")
+    parser.add_argument("--quantization", help="none, 8bit, 4bit")
+    parser.add_argument("--decode", help="fast (reduced-size JPEG decoding) or exact")
+    parser.add_argument("--max-num-patches", type=int, help="NaFlex models: 64..1024 (default 256)")
+
+
+def _batch_size(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
+# --- output ---------------------------------------------------------------------------------
+
+def path_record(path: str, record: dict[str, Any]) -> dict[str, Any]:
+    """A result record carrying the image path first, as the CLI writes them."""
+    return {"path": path, **record}
+
+
+def format_table(record: dict[str, Any]) -> str:
+    """A human-readable block for one image."""
+    lines = [record["path"]]
+    if "error" in record:
+        lines.append(f"  ERROR {record['error']['type']}: {record['error']['message']}")
+    elif not record["tags"]:
+        lines.append("  (no tag above the threshold)")
+    for tag in record["tags"]:
+        bar = "#" * max(1, round(tag["confidence"] * 40))
+        lines.append(f"  {tag['confidence']:8.4f}  {tag['label']:<32} {bar}")
+    return "\n".join(lines)
+
+
+class Sink:
+    """Receives each image's outcome as soon as it is known; `close` runs once at the end.
+
+    `tag` feeds every sink the user asked for (the output stream, sidecars,
+    an embedding store, a report), so each output is one small class.
+    """
+
+    def write(self, path: str, item: Any, record: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Finish the output (flush, write a trailer); called even after an interruption."""
+
+
+class StreamSink(Sink):
+    """Records to a stream: jsonl and table flushed per image, json as one array at the end."""
+
+    def __init__(self, stream: IO[str], fmt: str):
+        self.stream, self.fmt = stream, fmt
+        self.records: list[dict[str, Any]] = []
+
+    def write(self, path: str, item: Any, record: dict[str, Any]) -> None:
+        record = path_record(path, record)
+        if self.fmt == "jsonl":
+            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.stream.flush()
+        elif self.fmt == "table":
+            self.stream.write(format_table(record) + "\n")
+            self.stream.flush()
+        else:
+            self.records.append(record)
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            json.dump(self.records, self.stream, ensure_ascii=False, indent=2)
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+# --- commands -------------------------------------------------------------------------------
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    from .engine import SiglipTagger
+
+    settings = settings_from_args(args)
+    paths = list(expand_paths(args.paths, args.recursive))
+    if not paths:
+        raise UsageError("no images found in " + ", ".join(args.paths)
+                         + ("" if args.recursive else " (use --recursive for subfolders)"))
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(args.output, "w", encoding="utf-8")) if args.output else sys.stdout
+        sinks: list[Sink] = [StreamSink(out, args.format)]
+        failed = run_tagging(SiglipTagger(settings), paths, sinks, quiet=args.quiet)
+    if failed:
+        log.warning("%d of %d images failed; their errors are in the output", failed, len(paths))
+    return 1 if failed else 0
+
+
+def run_tagging(tagger: Any, paths: list[str], sinks: list[Sink], *, quiet: bool = False,
+                **tag_options: Any) -> int:
+    """Tag `paths`, feeding every sink as results arrive; returns how many images failed."""
+    from tqdm import tqdm
+
+    failed = 0
+    progress = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=quiet or None)
+    try:
+        for item, record in tagger.iter_tag(paths, **tag_options):
+            failed += "error" in record
+            for sink in sinks:
+                sink.write(paths[item.index], item, record)
+            progress.update()
+    finally:
+        progress.close()
+        for sink in sinks:
+            sink.close()
+    return failed
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import REGISTRY, cached_snapshot
+
+    rows = [("id", "family", "resolution", "params", "min VRAM fp16", "cached")]
+    for info in REGISTRY.values():
+        rows.append((info.id, info.family, str(info.image_size or "naflex"), f"{info.params_m}M",
+                     f"{info.min_vram_gb_fp16:g} GB", "yes" if cached_snapshot(info.id) else "no"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .models import download
+
+    folder = download(args.model, revision=args.revision)
+    print(f"{args.model}: cached at {folder}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .hardware import detect, format_plan, parse_simulation, plan
+    from .models import model_info
+
+    settings = settings_from_args(args)
+    profile = parse_simulation(args.simulate) if args.simulate else detect()
+    info = model_info(settings.model)
+    print(format_plan(profile, plan(profile, settings, info), info))
+    return 0
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visual-buffet-siglip", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bar")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tag = sub.add_parser("tag", help="tag image files and folders")
+    tag.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+    tag.add_argument("-r", "--recursive", action="store_true", help="descend into subfolders")
+    tag.add_argument("--format", choices=("json", "jsonl", "table"), default="json")
+    tag.add_argument("-o", "--output", metavar="FILE", help="write results here instead of stdout")
+    _add_settings_args(tag)
+    tag.set_defaults(func=cmd_tag)
+
+    models = sub.add_parser("models", help="list the known SigLIP checkpoints")
+    models.set_defaults(func=cmd_models)
+
+    download = sub.add_parser("download", help="fetch a model into the Hugging Face cache")
+    download.add_argument("model")
+    download.add_argument("--revision", help="branch, tag or commit (default: main)")
+    download.set_defaults(func=cmd_download)
+
+    plan = sub.add_parser("plan", help="show the hardware profile and the settings chosen for it")
+    plan.add_argument("--simulate", metavar="SPEC",
+                      help='plan for another machine, e.g. "cuda:name=T4,vram_gb=16,cc=7.5", '
+                           '"cpu:cores=8,ram_gb=32,avx512_bf16=1", "mps:memory_gb=16"')
+    _add_settings_args(plan)
+    plan.set_defaults(func=cmd_plan)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for option in ("quiet", "verbose"):  # accepted before or after the subcommand
+        setattr(args, option, getattr(args, option, False))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO,
+                        format="%(levelname)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:
+        _quiet_libraries()
+    from .models import ModelLoadError
+
+    try:
+        return args.func(args)
+    except (ConfigError, ModelLoadError, UsageError) as exc:
+        if args.verbose:
+            log.exception("failed")
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """transformers' and the hub's progress bars and warnings are noise in a CLI's stderr."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("transformers", "huggingface_hub", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,0 +1,329 @@
+"""The `[plugins.siglip]` settings block: parsed once, validated completely, frozen.
+
+Every problem in a block is collected and reported together, each naming the
+key, the value it got and what is allowed, so a user fixes a config in one
+round trip instead of one error at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+PLUGIN_NAME = "siglip"
+DEFAULT_MODEL = "google/siglip2-so400m-patch14-384"
+TEMPLATE = "This is a photo of {label}."
+MAX_LENGTH = 64
+
+ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+DECODES = ("fast", "exact")
+
+
+class ConfigError(ValueError):
+    """Invalid settings; `problems` lists every one found, each a full sentence."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems) if len(self.problems) < 2 else (
+            f"{len(self.problems)} problems in [plugins.{PLUGIN_NAME}]:\n  - "
+            + "\n  - ".join(self.problems)))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated `[plugins.siglip]` settings. Build with `Settings.from_mapping`."""
+
+    enabled: bool = True
+    model: str = DEFAULT_MODEL
+    batch_size: int | Literal["auto"] = "auto"
+    attention: str = "auto"
+    dtype: str = "auto"
+    quantization: str = "none"
+    device: str = "auto"
+    confidence_threshold: float = 0.01
+    max_tags: int = 50
+    max_num_patches: int = 256
+    labels: tuple[str, ...] | None = None
+    labels_file: str | None = None
+    decode: str = "fast"
+    text_cache: bool = True
+    cache_dir: str | None = None
+    _label_set: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+    @classmethod
+    def from_mapping(cls, block: Mapping[str, Any] | None = None, *,
+                     base_dir: str | os.PathLike[str] | None = None) -> Settings:
+        """Validate a `[plugins.siglip]` mapping; relative `labels_file` resolves against base_dir."""
+        values, problems = _validate(block or {}, base_dir)
+        if problems:
+            raise ConfigError(problems)
+        settings = cls(**values)
+        object.__setattr__(settings, "_label_set", _read_label_set(settings))
+        if not settings.label_set:
+            raise ConfigError(f"labels_file = {settings.labels_file!r}: the file holds no labels")
+        return settings
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with `changes` applied and validated like a config block."""
+        merged = {k: v for k, v in self.to_mapping().items() if k not in _LABEL_KEYS or not
+                  (_LABEL_KEYS & changes.keys())}
+        merged.update(changes)
+        return Settings.from_mapping(merged)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The settings as a TOML-style mapping (what `from_mapping` accepts)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        if out["labels"] is not None:
+            out["labels"] = list(out["labels"])
+        return {k: v for k, v in out.items() if v is not None}
+
+    def model_key(self) -> tuple[Any, ...]:
+        """The settings that shape the loaded model: a tagger is reused while these stay equal."""
+        return tuple(getattr(self, name) for name in MODEL_KEYS)
+
+    @property
+    def label_set(self) -> tuple[str, ...]:
+        """The labels to score: `labels`, else `labels_file`, else the built-in vocabulary."""
+        return self._label_set
+
+
+_LABEL_KEYS = {"labels", "labels_file"}
+MODEL_KEYS = ("model", "batch_size", "attention", "dtype", "quantization", "device", "max_num_patches",
+              "decode", "text_cache", "cache_dir")
+
+
+def settings_from_host_config(config: Mapping[str, Any] | None,
+                              base_dir: str | os.PathLike[str] | None = None) -> Settings:
+    """Settings from a whole parsed host config (reads `config["plugins"]["siglip"]`)."""
+    return Settings.from_mapping(plugin_block(config), base_dir=base_dir)
+
+
+def plugin_block(config: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """This plugin's block of a whole host config; a missing block means defaults."""
+    if config is None:
+        return {}
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"the host config must be a table (mapping), got {type(config).__name__}")
+    plugins = config.get("plugins", {})
+    if not isinstance(plugins, Mapping):
+        raise ConfigError(f"[plugins] must be a table, got {type(plugins).__name__}")
+    block = plugins.get(PLUGIN_NAME, {})
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"[plugins.{PLUGIN_NAME}] must be a table, got {type(block).__name__}")
+    return block
+
+
+def load_settings(path: str | os.PathLike[str]) -> Settings:
+    """Settings from the `[plugins.siglip]` block of a TOML file (the whole file if it has no [plugins])."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    block = plugin_block(data) if "plugins" in data else data
+    return Settings.from_mapping(block, base_dir=path.parent)
+
+
+def normalize_label(label: str) -> str:
+    """Strip, collapse whitespace and lowercase: how every label is keyed and shown."""
+    return " ".join(label.split()).lower()
+
+
+def normalize_labels(labels: Any) -> tuple[str, ...]:
+    """Normalised, de-duplicated labels in first-seen order; empty ones dropped."""
+    seen: dict[str, None] = {}
+    for label in labels:
+        norm = normalize_label(label)
+        if norm:
+            seen.setdefault(norm, None)
+    return tuple(seen)
+
+
+def parse_label_lines(text: str) -> tuple[str, ...]:
+    """Labels from a labels file: one a line, blank lines and `#` comments ignored."""
+    return normalize_labels(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+
+
+def builtin_vocabulary() -> tuple[str, ...]:
+    """The curated built-in vocabulary shipped in `data/vocabulary.txt`."""
+    text = resources.files("visual_buffet_siglip").joinpath("data/vocabulary.txt").read_text("utf-8")
+    return parse_label_lines(text)
+
+
+def _read_label_set(settings: Settings) -> tuple[str, ...]:
+    if settings.labels is not None:
+        return settings.labels
+    if settings.labels_file is not None:
+        try:
+            return parse_label_lines(Path(settings.labels_file).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"labels_file = {settings.labels_file!r}: cannot read it ({exc})") from None
+    return builtin_vocabulary()
+
+
+# --- validation -----------------------------------------------------------------------------
+
+KEYS = tuple(f.name for f in dataclasses.fields(Settings) if not f.name.startswith("_"))
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_bool(key: str, value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, bool):
+        return value, None
+    return None, f"{key} = {_describe(value)}: expected true or false"
+
+
+def _check_int(key: str, value: Any, low: int, high: int | None) -> tuple[Any, str | None]:
+    allowed = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        return None, f"{key} = {_describe(value)}: expected {allowed}"
+    return value, None
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> tuple[Any, str | None]:
+    if isinstance(value, str) and value.lower() in choices:
+        return value.lower(), None
+    hint = ""
+    if isinstance(value, str):
+        close = difflib.get_close_matches(value.lower(), choices, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return None, f"{key} = {_describe(value)}: expected one of {', '.join(map(repr, choices))}{hint}"
+
+
+def _check_threshold(key: str, value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            and 0.0 <= value <= 1.0:
+        return float(value), None
+    return None, (f"{key} = {_describe(value)}: expected a number from 0 to 1 "
+                  "(SigLIP's sigmoid scores are low: 0.005-0.05 is a sensible range)")
+
+
+def _check_device(key: str, value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, str):
+        low = value.lower()
+        if low in ("auto", "cpu", "cuda", "mps") or (
+                low.startswith("cuda:") and low[5:].isdigit()):
+            return low, None
+    return None, f"{key} = {_describe(value)}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+
+
+def _check_batch(key: str, value: Any) -> tuple[Any, str | None]:
+    if value == "auto" and isinstance(value, str):
+        return value, None
+    checked, problem = _check_int(key, value, 1, 1024)
+    if problem:
+        problem = f"{key} = {_describe(value)}: expected 'auto' or an integer from 1 to 1024"
+    return checked, problem
+
+
+def _check_model(key: str, value: Any) -> tuple[Any, str | None]:
+    from .models import model_name_problem  # pure string checks, no torch
+
+    if not isinstance(value, str) or not value.strip():
+        return None, f"{key} = {_describe(value)}: expected a model id such as {DEFAULT_MODEL!r} or a local directory"
+    problem = model_name_problem(value.strip())
+    return (None, f"{key} = {_describe(value)}: {problem}") if problem else (value.strip(), None)
+
+
+def _check_labels(key: str, value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        labels = normalize_labels(value)
+        if labels:
+            return labels, None
+    return None, f"{key} = {_describe(value)}: expected a non-empty list of label strings"
+
+
+def _check_optional_path(key: str, value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, str) and value.strip():
+        return value, None
+    return None, f"{key} = {_describe(value)}: expected a path string"
+
+
+_CHECKS = {
+    "enabled": _check_bool,
+    "model": _check_model,
+    "batch_size": _check_batch,
+    "attention": lambda k, v: _check_choice(k, v, ATTENTIONS),
+    "dtype": lambda k, v: _check_choice(k, v, DTYPES),
+    "quantization": lambda k, v: _check_choice(k, v, QUANTIZATIONS),
+    "device": _check_device,
+    "confidence_threshold": _check_threshold,
+    "max_tags": lambda k, v: _check_int(k, v, 1, None),
+    "max_num_patches": lambda k, v: _check_int(k, v, 64, 1024),
+    "labels": _check_labels,
+    "labels_file": _check_optional_path,
+    "decode": lambda k, v: _check_choice(k, v, DECODES),
+    "text_cache": _check_bool,
+    "cache_dir": _check_optional_path,
+}
+
+
+def _validate(block: Mapping[Any, Any], base_dir: str | os.PathLike[str] | None
+              ) -> tuple[dict[str, Any], list[str]]:
+    if not isinstance(block, Mapping):
+        return {}, [f"[plugins.{PLUGIN_NAME}] must be a table, got {type(block).__name__}"]
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in block.items():
+        if not isinstance(key, str) or key not in _CHECKS:
+            close = difflib.get_close_matches(str(key), KEYS, n=1, cutoff=0.7)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"unknown key {_describe(key)} in [plugins.{PLUGIN_NAME}]{hint}; "
+                            f"known keys: {', '.join(KEYS)}")
+            continue
+        checked, problem = _CHECKS[key](key, value)
+        if problem:
+            problems.append(problem)
+        else:
+            values[key] = checked
+    if "labels" in values and "labels_file" in values:
+        problems.append("labels and labels_file are both set: use one of them")
+    if "labels_file" in values:
+        path = Path(values["labels_file"]).expanduser()
+        if base_dir is not None and not path.is_absolute():
+            path = Path(base_dir) / path
+        if not path.is_file():
+            problems.append(f"labels_file = {_describe(values['labels_file'])}: no such file "
+                            f"({str(path)!r}); give a text file with one label a line")
+        else:
+            values["labels_file"] = str(path.resolve())
+    if "cache_dir" in values:
+        values["cache_dir"] = str(Path(values["cache_dir"]).expanduser())
+    return values, problems
+
+
+def default_settings() -> Settings:
+    """Settings with every default (built-in vocabulary)."""
+    return Settings.from_mapping({})
+
+
+__all__ = ["ConfigError", "Settings", "load_settings", "settings_from_host_config", "plugin_block",
+           "normalize_label", "normalize_labels", "builtin_vocabulary", "TEMPLATE", "MAX_LENGTH",
+           "DEFAULT_MODEL", "KEYS", "default_settings"]

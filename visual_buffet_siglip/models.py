@@ -1,0 +1,281 @@
+"""Which SigLIP checkpoints exist, whether a model name is usable, and how to load one safely.
+
+Name checks are pure string work (config validation runs them without torch);
+loading imports torch and transformers lazily.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .hardware import Plan
+
+log = logging.getLogger(__name__)
+
+SIGLIP_MODEL_TYPES = ("siglip", "siglip2")
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or loaded; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the planner needs to know about a checkpoint before loading it."""
+
+    id: str
+    family: str  # "siglip", "siglip2" (fixed resolution, model_type siglip) or "naflex"
+    size: str  # base, large, so400m, giant
+    image_size: int | None  # None for NaFlex (resolution follows max_num_patches)
+    patch_size: int
+    params_m: int  # whole model (vision + text), millions of parameters
+    vision_params_m: int
+    vision_width: int
+    vision_layers: int
+    in_registry: bool = True
+
+    @property
+    def min_vram_gb_fp16(self) -> float:
+        """DESIGN section 5 minimums at half precision."""
+        return MIN_VRAM_GB_FP16[self.size]
+
+
+MIN_VRAM_GB_FP16 = {"base": 2.0, "large": 4.0, "so400m": 6.0, "giant": 12.0}
+
+# size -> (vision params M, vision width, vision layers); total params differ by text tower.
+_VISION = {"base": (93, 768, 12), "large": (316, 1024, 24), "so400m": (428, 1152, 27), "giant": (1135, 1536, 40)}
+
+
+def _entry(model_id: str, family: str, size: str, image_size: int | None, patch: int, params_m: int) -> ModelInfo:
+    vp, width, layers = _VISION[size]
+    return ModelInfo(model_id, family, size, image_size, patch, params_m, vp, width, layers)
+
+
+def _build_registry() -> dict[str, ModelInfo]:
+    rows: list[ModelInfo] = []
+    for res in (224, 256, 384, 512):
+        rows.append(_entry(f"google/siglip-base-patch16-{res}", "siglip", "base", res, 16, 203))
+    for res in (256, 384):
+        rows.append(_entry(f"google/siglip-large-patch16-{res}", "siglip", "large", res, 16, 652))
+    for res in (224, 384):
+        rows.append(_entry(f"google/siglip-so400m-patch14-{res}", "siglip", "so400m", res, 14, 878))
+    rows.append(_entry("google/siglip-so400m-patch16-256-i18n", "siglip", "so400m", 256, 16, 1129))
+    rows.append(_entry("google/siglip-base-patch16-256-multilingual", "siglip", "base", 256, 16, 371))
+    for res in (224, 256, 384, 512):
+        rows.append(_entry(f"google/siglip2-base-patch16-{res}", "siglip2", "base", res, 16, 375))
+    rows.append(_entry("google/siglip2-base-patch32-256", "siglip2", "base", 256, 32, 376))
+    for res in (256, 384, 512):
+        rows.append(_entry(f"google/siglip2-large-patch16-{res}", "siglip2", "large", res, 16, 882))
+    for res in (224, 384):
+        rows.append(_entry(f"google/siglip2-so400m-patch14-{res}", "siglip2", "so400m", res, 14, 1136))
+    for res in (256, 384, 512):
+        rows.append(_entry(f"google/siglip2-so400m-patch16-{res}", "siglip2", "so400m", res, 16, 1136))
+    for res in (256, 384):
+        rows.append(_entry(f"google/siglip2-giant-opt-patch16-{res}", "siglip2", "giant", res, 16, 1871))
+    rows.append(_entry("google/siglip2-base-patch16-naflex", "naflex", "base", None, 16, 375))
+    rows.append(_entry("google/siglip2-so400m-patch16-naflex", "naflex", "so400m", None, 16, 1136))
+    return {row.id: row for row in rows}
+
+
+REGISTRY: dict[str, ModelInfo] = _build_registry()
+
+
+def closest_models(name: str, n: int = 3) -> list[str]:
+    """Registry ids closest to `name` (case-insensitive), best first."""
+    lowered = {key.lower(): key for key in REGISTRY}
+    return [lowered[m] for m in difflib.get_close_matches(name.lower(), lowered, n=n, cutoff=0.5)]
+
+
+def _looks_like_google_siglip(name: str) -> bool:
+    return name.lower().startswith(("google/siglip", "siglip", "google/siglip2"))
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a SigLIP model, or None when it may be one (pure, no I/O beyond a stat)."""
+    if name in REGISTRY or Path(name).expanduser().is_dir():
+        return None
+    if _looks_like_google_siglip(name) or name.lower() in {k.lower() for k in REGISTRY}:
+        close = closest_models(name)
+        hint = f"; closest real ones: {', '.join(close)}" if close else ""
+        return (f"{name!r} is not a released Google SigLIP checkpoint{hint} "
+                "(`visual-buffet-siglip models` lists them all)")
+    if name.startswith(("/", ".", "~")) or os.sep in name.strip("/").replace("/", "", 1) \
+            or name.count("/") > 1:
+        return f"{name!r} is not an existing directory; give a local model directory or a hub id like owner/name"
+    if name.count("/") != 1 or not all(name.split("/")):
+        return f"{name!r} is neither a registry id, a hub id (owner/name) nor an existing directory"
+    return None
+
+
+def model_info(name: str, *, config: dict[str, Any] | None = None) -> ModelInfo:
+    """Registry entry for `name`, or one derived from its config.json (local dir or cached hub id)."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if config is None:
+        config = read_model_config(name)
+    return info_from_config(name, config)
+
+
+def info_from_config(name: str, config: dict[str, Any]) -> ModelInfo:
+    """A ModelInfo for an unregistered checkpoint, from its config.json contents."""
+    model_type = config.get("model_type")
+    if model_type not in SIGLIP_MODEL_TYPES:
+        raise ModelLoadError(f"model {name!r} is a {model_type or 'unknown'!s} model, not SigLIP or SigLIP 2; "
+                             "this plugin only runs SigLIP checkpoints (`visual-buffet-siglip models` lists them)")
+    vision = config.get("vision_config") or {}
+    width = int(vision.get("hidden_size", 768))
+    layers = int(vision.get("num_hidden_layers", 12))
+    inter = int(vision.get("intermediate_size", 4 * width))
+    vision_params = layers * (4 * width * width + 2 * width * inter) // 1_000_000
+    text = config.get("text_config") or {}
+    t_width = int(text.get("hidden_size", width))
+    t_params = (int(text.get("num_hidden_layers", layers)) * 12 * t_width * t_width
+                + int(text.get("vocab_size", 32000)) * t_width) // 1_000_000
+    size = min(_VISION, key=lambda s: abs(_VISION[s][1] - width))
+    naflex = model_type == "siglip2"
+    return ModelInfo(
+        id=name, family="naflex" if naflex else "siglip", size=size,
+        image_size=None if naflex else int(vision.get("image_size", 224)),
+        patch_size=int(vision.get("patch_size", 16)),
+        params_m=max(1, vision_params + t_params), vision_params_m=max(1, vision_params),
+        vision_width=width, vision_layers=layers, in_registry=False)
+
+
+# --- locating files ---------------------------------------------------------------------------
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def not_cached_message(name: str) -> str:
+    return (f"model {name!r} is not in the local Hugging Face cache and cannot be downloaded now"
+            f"{' (HF_HUB_OFFLINE is set)' if _offline() else ''}. Fix: run "
+            f"`visual-buffet-siglip download {name}` on a machine with network access "
+            "(it fills the cache), or set `model` to a local directory holding the checkpoint.")
+
+
+def cached_snapshot(name: str) -> Path | None:
+    """The cached snapshot folder of hub model `name` (its config.json present), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def resolve_source(name: str) -> Path:
+    """A local folder holding `name`'s files: the directory itself or its cached hub snapshot.
+
+    Cached hub models load with no network access at all (fast, never hangs);
+    `visual-buffet-siglip download` is how a cached copy is fetched or refreshed.
+    """
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"model directory {str(local)!r} has no config.json; "
+                                 "it does not hold a transformers checkpoint (save one with save_pretrained)")
+        return local.resolve()
+    snapshot = cached_snapshot(name)
+    if snapshot is None:
+        raise ModelLoadError(not_cached_message(name))
+    return snapshot
+
+
+def read_model_config(name: str) -> dict[str, Any]:
+    """The config.json of a local directory or cached hub model."""
+    path = resolve_source(name) / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {str(path)!r} for model {name!r}: {exc}") from None
+
+
+def download(name: str, revision: str | None = None) -> Path:
+    """Fetch a hub model's safetensors checkpoint into the Hugging Face cache (with progress bars)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    problem = model_name_problem(name)
+    if problem:
+        raise ModelLoadError(problem)
+    try:
+        folder = snapshot_download(name, revision=revision, allow_patterns=[
+            "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(f"cannot download {name!r}: no network access to the Hugging Face hub "
+                             "(or HF_HUB_OFFLINE is set). Run this where the hub is reachable.") from None
+    except HfHubHTTPError as exc:
+        raise ModelLoadError(f"cannot download {name!r}: {exc}") from None
+    return Path(folder)
+
+
+def fingerprint(source: Path) -> str:
+    """Identifies the exact weights: the hub commit of a cached snapshot, else file sizes and mtimes."""
+    if source.parent.name == "snapshots":
+        return f"hub:{source.name}"
+    digest = hashlib.sha256()
+    for path in sorted(source.glob("*")):
+        if path.is_file() and path.suffix in (".safetensors", ".json", ".model"):
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return f"dir:{digest.hexdigest()[:16]}"
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with what produced it."""
+
+    model: Any  # SiglipModel or Siglip2Model
+    processor: Any  # SiglipProcessor / Siglip2Processor
+    info: ModelInfo
+    source: Path
+    fingerprint: str
+    plan: Plan
+
+
+def load(name: str, plan: Plan) -> LoadedModel:
+    """Load model + processor for `plan`: safetensors only, never remote code."""
+    import torch
+    from transformers import AutoModel, AutoProcessor, Siglip2Model
+
+    source = resolve_source(name)
+    config = read_model_config(str(source))
+    info = model_info(name, config=config)
+    if not any(source.glob("*.safetensors")):
+        pickles = [p.name for p in source.glob("*.bin")] + [p.name for p in source.glob("*.pt*")]
+        found = f" (found only {', '.join(pickles)})" if pickles else ""
+        raise ModelLoadError(
+            f"model {name!r} at {str(source)!r} has no .safetensors weights{found}. Pickle checkpoints can run "
+            "arbitrary code and are refused; convert it with save_pretrained(..., safe_serialization=True) "
+            "or pick a checkpoint that ships safetensors.")
+    kwargs: dict[str, Any] = {
+        "use_safetensors": True, "trust_remote_code": False, "local_files_only": True,
+        "dtype": getattr(torch, plan.dtype), "attn_implementation": plan.attention,
+    }
+    if plan.quantization != "none":
+        from .quantization import quantization_config
+
+        kwargs["quantization_config"] = quantization_config(plan)
+        kwargs["device_map"] = plan.device
+    model_cls = Siglip2Model if config["model_type"] == "siglip2" else AutoModel
+    try:
+        model = model_cls.from_pretrained(str(source), **kwargs)
+        processor = AutoProcessor.from_pretrained(str(source), trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelLoadError(f"cannot load model {name!r} from {str(source)!r}: {exc}") from exc
+    if plan.quantization == "none":
+        model = model.to(plan.device)
+    model.eval()
+    log.info("loaded %s from %s (%s, %s, %s attention)", name, source, plan.device, plan.dtype, plan.attention)
+    return LoadedModel(model, processor, info, source, fingerprint(source), plan)
