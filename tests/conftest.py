@@ -20,6 +20,12 @@ LABELS = ["dog", "Cat", "golden retriever", "BEACH", "mountain", "red car", "blu
           "bird", "boat", "snow", "river", "Bridge", "portrait", "Macro", "wedding"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Label-embedding caches go to a temp folder, never the user's cache directory."""
+    os.environ["VISUAL_BUFFET_SIGLIP_CACHE"] = str(tmp_path_factory.mktemp("label-cache"))
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """family -> saved tiny checkpoint directory."""
