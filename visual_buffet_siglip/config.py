@@ -194,6 +194,15 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def suggest(value: str, choices: tuple[str, ...]) -> str | None:
+    """The choice a near-miss `value` most likely meant: a unique prefix, else the closest spelling."""
+    prefixed = [choice for choice in choices if value and choice.startswith(value)]
+    if len(prefixed) == 1:
+        return prefixed[0]
+    close = difflib.get_close_matches(value, choices, n=1, cutoff=0.7)
+    return close[0] if close else None
+
+
 def _check_bool(key: str, value: Any) -> tuple[Any, str | None]:
     if isinstance(value, bool):
         return value, None
@@ -210,10 +219,8 @@ def _check_int(key: str, value: Any, low: int, high: int | None) -> tuple[Any, s
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> tuple[Any, str | None]:
     if isinstance(value, str) and value.lower() in choices:
         return value.lower(), None
-    hint = ""
-    if isinstance(value, str):
-        close = difflib.get_close_matches(value.lower(), choices, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+    close = suggest(value.lower(), choices) if isinstance(value, str) else None
+    hint = f" (did you mean {close!r}?)" if close else ""
     return None, f"{key} = {_describe(value)}: expected one of {', '.join(map(repr, choices))}{hint}"
 
 
@@ -293,8 +300,8 @@ def _validate(block: Mapping[Any, Any], base_dir: str | os.PathLike[str] | None
     problems: list[str] = []
     for key, value in block.items():
         if not isinstance(key, str) or key not in _CHECKS:
-            close = difflib.get_close_matches(str(key), KEYS, n=1, cutoff=0.7)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            close = suggest(str(key), KEYS)
+            hint = f" (did you mean {close!r}?)" if close else ""
             problems.append(f"unknown key {_describe(key)} in [plugins.{PLUGIN_NAME}]{hint}; "
                             f"known keys: {', '.join(KEYS)}")
             continue

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,9 +90,21 @@ REGISTRY: dict[str, ModelInfo] = _build_registry()
 
 
 def closest_models(name: str, n: int = 3) -> list[str]:
-    """Registry ids closest to `name` (case-insensitive), best first."""
-    lowered = {key.lower(): key for key in REGISTRY}
-    return [lowered[m] for m in difflib.get_close_matches(name.lower(), lowered, n=n, cutoff=0.5)]
+    """Registry ids closest to `name`: same family and size first, then by spelling."""
+    lowered = name.lower()
+    family = "siglip2" if "siglip2" in lowered else "siglip"
+    size = next((s for s in _VISION if s in lowered), None)
+    numbers = [int(t) for t in re.findall(r"\d+", lowered.rsplit("/", 1)[-1]) if t != "2"]
+
+    def rank(model_id: str) -> tuple[float, ...]:
+        info = REGISTRY[model_id]
+        same_family = (info.family != "siglip") == (family == "siglip2")
+        resolution = info.image_size or 0
+        distance = min((abs(resolution - x) for x in numbers), default=0)
+        spelling = difflib.SequenceMatcher(None, lowered, model_id.lower()).ratio()
+        return (-same_family, -(info.size == size), distance, -spelling)
+
+    return sorted(REGISTRY, key=rank)[:n]
 
 
 def _looks_like_google_siglip(name: str) -> bool:
