@@ -1,0 +1,113 @@
+"""The debug runner end to end: folders, formats, exit codes, config files and overrides."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import LABELS
+
+from visual_buffet_siglip.cli import expand_paths, main
+
+
+@pytest.fixture
+def photo_dir(tmp_path, images):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for image in images[:3]:
+        shutil.copy(image, folder / image.name)
+    shutil.copy(images[3], folder / "sub" / "deep.png")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture
+def config_file(tmp_path, checkpoints):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(LABELS), encoding="utf-8")
+    path = tmp_path / "siglip.toml"
+    path.write_text(f'[plugins.siglip]\nmodel = "{checkpoints["siglip"]}"\ndevice = "cpu"\n'
+                    'labels_file = "labels.txt"\nmax_tags = 4\n', encoding="utf-8")
+    return path
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_expand_paths(photo_dir):
+    flat = list(expand_paths([str(photo_dir)]))
+    assert [p.rsplit("/", 1)[1] for p in flat] == ["corrupt.jpg", "img0.png", "img1.png", "img2.png"]
+    deep = list(expand_paths([str(photo_dir)], recursive=True))
+    assert len(deep) == 5 and deep[-1].endswith("sub/deep.png")
+    assert list(expand_paths(["missing.jpg"])) == ["missing.jpg"]  # named files always count
+
+
+def test_tag_folder_jsonl_with_one_corrupt_file(capsys, photo_dir, config_file):
+    code, out, err = run_cli(capsys, "-q", "tag", str(photo_dir), "-r", "--config", str(config_file),
+                             "--format", "jsonl")
+    assert code == 1  # some images failed
+    records = [json.loads(line) for line in out.splitlines()]
+    assert len(records) == 5
+    by_name = {r["path"].rsplit("/", 1)[1]: r for r in records}
+    assert by_name["corrupt.jpg"]["error"]["type"] == "ImageDecodeError"
+    assert "corrupt.jpg" in by_name["corrupt.jpg"]["error"]["message"]
+    good = [r for r in records if "error" not in r]
+    assert len(good) == 4 and all(1 <= len(r["tags"]) <= 4 for r in good)
+    assert "Traceback" not in err
+
+
+def test_overrides_and_json_output_file(capsys, photo_dir, config_file, tmp_path):
+    output = tmp_path / "out.json"
+    code, out, _ = run_cli(capsys, "-q", "tag", str(photo_dir / "img0.png"), "--config", str(config_file),
+                           "--max-tags", "2", "--threshold", "0.0", "--output", str(output))
+    assert code == 0 and out == ""
+    [record] = json.loads(output.read_text())
+    assert record["path"] == str(photo_dir / "img0.png") and len(record["tags"]) == 2
+
+
+def test_table_format(capsys, photo_dir, config_file):
+    code, out, _ = run_cli(capsys, "-q", "tag", str(photo_dir / "img1.png"), str(photo_dir / "corrupt.jpg"),
+                           "--config", str(config_file), "--format", "table")
+    assert code == 1
+    assert "img1.png" in out and "ERROR ImageDecodeError" in out
+
+
+def test_config_errors_exit_2_without_traceback(capsys, photo_dir, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[plugins.siglip]\nmax_tag = 3\n", encoding="utf-8")
+    code, _, err = run_cli(capsys, "tag", str(photo_dir), "--config", str(bad))
+    assert code == 2 and "did you mean 'max_tags'" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "tag", str(photo_dir), "--model", "google/siglip-base-patch32-224")
+    assert code == 2 and "closest real ones" in err
+
+
+def test_no_images_is_a_usage_error(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "tag", str(tmp_path))
+    assert code == 2 and "no images found" in err
+
+
+def test_console_script_and_module_entry(photo_dir, config_file):
+    script = Path(sys.executable).parent / "visual-buffet-siglip"  # installed beside this interpreter
+    for command in ([str(script)], [sys.executable, "-m", "visual_buffet_siglip"]):
+        proc = subprocess.run([*command, "-q", "tag", str(photo_dir / "img2.png"),
+                               "--config", str(config_file), "--format", "jsonl"],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["tags"]
+
+
+def test_report_from_tag_run(capsys, photo_dir, config_file, tmp_path):
+    report = tmp_path / "report.html"
+    code, _, _ = run_cli(capsys, "-q", "tag", str(photo_dir), "--config", str(config_file),
+                         "--format", "jsonl", "--report", str(report))
+    html = report.read_text(encoding="utf-8")
+    assert code == 1 and "img0.png" in html and "corrupt.jpg" in html
+    assert "http://" not in html and "https://" not in html
