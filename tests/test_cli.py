@@ -111,3 +111,15 @@ def test_report_from_tag_run(capsys, photo_dir, config_file, tmp_path):
     html = report.read_text(encoding="utf-8")
     assert code == 1 and "img0.png" in html and "corrupt.jpg" in html
     assert "http://" not in html and "https://" not in html
+
+
+def test_report_command_from_jsonl(capsys, photo_dir, config_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(photo_dir)
+    results = tmp_path / "results.jsonl"
+    run_cli(capsys, "-q", "tag", ".", "--config", str(config_file), "--format", "jsonl", "-o", str(results))
+    code, out, _ = run_cli(capsys, "report", str(results), "-o", str(tmp_path / "r.html"),
+                           "--images-root", str(photo_dir))
+    assert code == 0 and out.strip().endswith("r.html")
+    assert "data:image/jpeg;base64," in (tmp_path / "r.html").read_text(encoding="utf-8")
+    code, _, err = run_cli(capsys, "report", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "x.html"))
+    assert code == 2 and "nope.jsonl" in err

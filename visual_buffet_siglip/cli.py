@@ -169,8 +169,13 @@ def cmd_tag(args: argparse.Namespace) -> int:
                          + ("" if args.recursive else " (use --recursive for subfolders)"))
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(open(args.output, "w", encoding="utf-8")) if args.output else sys.stdout
+        tagger = SiglipTagger(settings)
         sinks: list[Sink] = [StreamSink(out, args.format)]
-        failed = run_tagging(SiglipTagger(settings), paths, sinks, quiet=args.quiet)
+        if args.report:
+            from .report import ReportSink
+
+            sinks.append(ReportSink(tagger, Path(args.report), threshold=settings.confidence_threshold))
+        failed = run_tagging(tagger, paths, sinks, quiet=args.quiet)
     if failed:
         log.warning("%d of %d images failed; their errors are in the output", failed, len(paths))
     return 1 if failed else 0
@@ -228,6 +233,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import read_records, write_report
+
+    try:
+        records = read_records(Path(args.results))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read results {args.results!r}: {exc}") from None
+    root = Path(args.images_root) if args.images_root else Path.cwd()
+    print(write_report(records, Path(args.output), threshold=args.threshold, images_root=root))
+    return 0
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     tag.add_argument("--format", choices=("json", "jsonl", "table"), default="json")
     tag.add_argument("-o", "--output", metavar="FILE", help="write results here instead of stdout")
     _add_settings_args(tag)
+    tag.add_argument("--report", metavar="HTML", help="also write a self-contained HTML contact sheet "
+                     "with a threshold explorer (tags kept down to 0.001 for it)")
     tag.set_defaults(func=cmd_tag)
 
     models = sub.add_parser("models", help="list the known SigLIP checkpoints")
@@ -260,6 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
                            '"cpu:cores=8,ram_gb=32,avx512_bf16=1", "mps:memory_gb=16"')
     _add_settings_args(plan)
     plan.set_defaults(func=cmd_plan)
+
+    report = sub.add_parser("report", help="HTML contact sheet from an earlier jsonl run")
+    report.add_argument("results", metavar="RESULTS.jsonl")
+    report.add_argument("-o", "--output", metavar="HTML", required=True)
+    report.add_argument("--images-root", metavar="DIR",
+                        help="folder the records' relative paths start from (default: the current folder, "
+                        "as when tagging)")
+    report.add_argument("--threshold", type=float, default=0.01, help="where the slider starts (default 0.01)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

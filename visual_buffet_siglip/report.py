@@ -127,39 +127,20 @@ def _display_name(path: str) -> str:
 # thumbnails
 
 
-def _to_rgb(im):
-    from PIL import Image
-
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit (or 32-bit int) greyscale: scale to 8 bits instead of clipping.
-        im = im.convert("I").point(lambda v: v * (1 / 256)).convert("L")
-    elif im.mode == "F":
-        im = im.convert("L")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        im = im.convert("RGBA")
-        bg = Image.new("RGB", im.size, (255, 255, 255))
-        bg.paste(im, mask=im.getchannel("A"))
-        return bg
-    return im.convert("RGB") if im.mode != "RGB" else im
-
-
 def _thumbnail(path: Path, thumb_px: int) -> tuple[str | None, str | None]:
     """(data URI, None) or (None, short reason). Never raises."""
     try:
-        from PIL import Image, ImageOps
+        from PIL import Image
+
+        from .images import load_image
 
         if not path.is_file():
             return None, "file not found"
-        with Image.open(path) as im:
-            # JPEG only: decode at a reduced scale, never below 2x the thumbnail.
-            im.draft("RGB", (thumb_px * 2, thumb_px * 2))
-            im = ImageOps.exif_transpose(im)
-            im = _to_rgb(im)
-            im.thumbnail((thumb_px, thumb_px), Image.Resampling.LANCZOS)
-            buf = io.BytesIO()
-            im.save(buf, "JPEG", quality=_JPEG_QUALITY, optimize=True)
+        # decoded exactly as for tagging (orientation, transparency), JPEGs at reduced scale
+        im = load_image(path, draft_size=thumb_px * 2)
+        im.thumbnail((thumb_px, thumb_px), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=_JPEG_QUALITY, optimize=True)
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), None
     except Exception as exc:  # any decode problem -> placeholder, never an exception
         return None, f"no preview ({type(exc).__name__})"
@@ -789,3 +770,28 @@ footer { color: var(--muted); font-size: 12px; padding: 0 24px 24px; }
 </body>
 </html>
 """
+
+
+REPORT_FLOOR = SLIDER_MIN
+
+
+class ReportSink:
+    """Collects a `tag` run's outcomes, re-scored down to the slider's floor, into an HTML report.
+
+    Re-scoring costs one small matrix product per image: the label embeddings
+    are already in the tagger's memory.
+    """
+
+    def __init__(self, tagger: Any, output: Path, *, threshold: float):
+        self.tagger, self.output, self.threshold = tagger, output, threshold
+        self.records: list[dict] = []
+
+    def write(self, path: str, item: Any, record: Mapping) -> None:
+        labels = list(self.tagger.settings.label_set)
+        low = self.tagger.record(item, labels, self.tagger.embed_texts(labels),
+                                 threshold=min(REPORT_FLOOR, self.threshold))
+        self.records.append({"path": path, **low})
+
+    def close(self) -> None:
+        write_report(self.records, self.output, threshold=self.threshold, images_root=Path.cwd())
+
