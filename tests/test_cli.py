@@ -120,6 +120,6 @@ def test_report_command_from_jsonl(capsys, photo_dir, config_file, tmp_path, mon
     code, out, _ = run_cli(capsys, "report", str(results), "-o", str(tmp_path / "r.html"),
                            "--images-root", str(photo_dir))
     assert code == 0 and out.strip().endswith("r.html")
-    assert "data:image/jpeg;base64," in (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "image\\/jpeg;base64," in (tmp_path / "r.html").read_text(encoding="utf-8")  # thumbnails embedded
     code, _, err = run_cli(capsys, "report", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "x.html"))
     assert code == 2 and "nope.jsonl" in err
