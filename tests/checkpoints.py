@@ -3,7 +3,7 @@
 No model hub is reachable in tests, so each family is rebuilt from its config
 class with a tokenizer trained on the fly, saved with `save_pretrained`, and
 loaded back through the same code path users take. `shape="tiny"` keeps tests
-fast; "base" and "so400m" reproduce the real vision/text sizes for benchmarks.
+fast; "small" has widths 4-bit CPU kernels accept (multiples of 64); "base" and "so400m" reproduce the real vision/text sizes for benchmarks.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ _WORDS = ("this is a photo of the dog cat golden retriever beach mountain car re
 # name -> (hidden, intermediate, layers, heads) for vision and text towers
 SHAPES = {
     "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    "small": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
     "base": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
     "so400m": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
 }
-IMAGE = {"tiny": (32, 8), "base": (224, 16), "so400m": (384, 14)}
+IMAGE = {"tiny": (32, 8), "small": (64, 16), "base": (224, 16), "so400m": (384, 14)}
 
 
 def _corpus() -> list[str]:
@@ -110,8 +111,8 @@ def build_checkpoint(family: str, folder: Path, shape: str = "tiny", seed: int =
         processor = SiglipProcessor(image_processor=SiglipImageProcessorPil(
             size={"height": image_size, "width": image_size}), tokenizer=tokenizer)
     with torch.no_grad():  # a realistic temperature and bias, as trained checkpoints have
-        model.logit_scale.fill_(torch.log(torch.tensor(10.0 if shape == "tiny" else 110.0)))
-        model.logit_bias.fill_(-2.0 if shape == "tiny" else -12.0)
+        model.logit_scale.fill_(torch.log(torch.tensor(10.0 if shape in ("tiny", "small") else 110.0)))
+        model.logit_bias.fill_(-2.0 if shape in ("tiny", "small") else -12.0)
     model.eval().save_pretrained(folder)
     processor.save_pretrained(folder)
     for leftover in folder.glob("spm.*"):
