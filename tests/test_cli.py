@@ -123,3 +123,25 @@ def test_report_command_from_jsonl(capsys, photo_dir, config_file, tmp_path, mon
     assert "image\\/jpeg;base64," in (tmp_path / "r.html").read_text(encoding="utf-8")  # thumbnails embedded
     code, _, err = run_cli(capsys, "report", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "x.html"))
     assert code == 2 and "nope.jsonl" in err
+
+
+@pytest.mark.parametrize("spec, model, expected", [
+    ("cuda:name=T4,vram_gb=16,cc=7.5", "google/siglip2-so400m-patch14-384", ["float16", "sdpa", "T4"]),
+    ("cuda:name=H100,vram_gb=80,cc=9.0,flash_attn=2.7.4", "google/siglip2-so400m-patch14-384",
+     ["bfloat16", "flash_attention_2"]),
+    ("mps:memory_gb=16", "google/siglip2-base-patch16-224", ["mps", "float16"]),
+    ("cpu:cores=8,ram_gb=32,avx512_bf16=1", "google/siglip-base-patch16-224", ["float32", "avx512_bf16"]),
+])
+def test_plan_command_simulates_machines(capsys, spec, model, expected):
+    code, out, _ = run_cli(capsys, "plan", "--simulate", spec, "--model", model)
+    assert code == 0
+    for word in expected:
+        assert word in out
+    for key in ("device", "dtype", "attention", "batch_size", "quantization"):
+        assert key in out
+
+
+def test_plan_refuses_a_model_that_does_not_fit(capsys):
+    code, _, err = run_cli(capsys, "plan", "--simulate", "cuda:name=GTX 1650,vram_gb=4,cc=7.5",
+                           "--model", "google/siglip2-so400m-patch14-384")
+    assert code == 2 and "4bit" in err and "Traceback" not in err

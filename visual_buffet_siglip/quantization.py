@@ -4,13 +4,17 @@ Only `nn.Linear` layers are quantized. The vision tower's attention-pooling
 head is kept in the plan's dtype: it calls `nn.MultiheadAttention`, which reads
 `out_proj.weight` directly instead of calling the layer, so a 4-bit packed
 weight there breaks the forward (and 8-bit would cost accuracy on the one
-layer that produces the image embedding). Everything else quantizes cleanly:
-`logit_scale` / `logit_bias` are parameters, the patch embedding is a Conv2d
-and the token embedding an Embedding, none of which bitsandbytes touches.
+layer that produces the image embedding). NaFlex's patch embedding is an
+`nn.Linear` whose weight dtype Siglip2 casts the pixels to: quantized, 8-bit
+crashes and 4-bit silently feeds uint8 pixels, so it is kept whole too.
+Everything else quantizes cleanly: `logit_scale` / `logit_bias` are
+parameters, SigLIP v1's patch embedding is a Conv2d and the token embedding an
+Embedding, none of which bitsandbytes touches.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -24,10 +28,21 @@ SKIP_MODULES: tuple[str, ...] = ("vision_model.head", "vision_model.embeddings.p
 HALF_DTYPES = ("float16", "bfloat16")
 
 
+class _DropCastNotice(logging.Filter):
+    """bitsandbytes logs "inputs will be cast ... to float16" on every 8-bit matmul of a float32 model."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will be cast from" not in record.getMessage()
+
+
 def quantization_config(plan: Plan) -> Any:
     """The `transformers.BitsAndBytesConfig` for `plan.quantization` (8bit or 4bit nf4)."""
     import torch
     from transformers import BitsAndBytesConfig
+
+    notice = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropCastNotice) for f in notice.filters):
+        notice.addFilter(_DropCastNotice())
 
     skip = list(SKIP_MODULES)
     if plan.quantization == "8bit":
