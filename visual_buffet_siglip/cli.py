@@ -1,8 +1,8 @@
 """`visual-buffet-siglip`: the standalone debug runner.
 
 Exit codes: 0 every image tagged, 1 some images failed (their errors are in
-the output), 2 usage, configuration or model errors. No traceback is shown
-unless --verbose.
+the output), 2 usage, configuration, model or file-system errors. No traceback
+is shown unless --verbose.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 _OVERRIDES = (("model", "model"), ("confidence_threshold", "threshold"), ("max_tags", "max_tags"),
               ("labels_file", "labels_file"), ("batch_size", "batch_size"), ("device", "device"),
               ("dtype", "dtype"), ("attention", "attention"), ("quantization", "quantization"),
-              ("decode", "decode"), ("max_num_patches", "max_num_patches"))
+              ("decode", "decode"), ("max_num_patches", "max_num_patches"), ("text_cache", "text_cache"))
 
 
 def _add_settings_args(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +92,8 @@ def _add_settings_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", help="none, 8bit, 4bit")
     parser.add_argument("--decode", help="fast (reduced-size JPEG decoding) or exact")
     parser.add_argument("--max-num-patches", type=int, help="NaFlex models: 64..1024 (default 256)")
+    parser.add_argument("--no-text-cache", dest="text_cache", action="store_const", const=False,
+                        help="do not read or write the on-disk label-embedding cache (text_cache = false)")
 
 
 def _batch_size(text: str) -> int | str:
@@ -105,6 +107,20 @@ def path_record(path: str, record: dict[str, Any]) -> dict[str, Any]:
     return {"path": path, **record}
 
 
+def json_text(value: Any, **options: Any) -> str:
+    """JSON with non-ASCII kept readable, except when a file name is not valid UTF-8.
+
+    Such names (old archives) reach Python as lone surrogates, which a UTF-8
+    stream refuses; escaped as \\udcXX they stay valid JSON and round-trip.
+    """
+    text = json.dumps(value, ensure_ascii=False, **options)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, **options)
+    return text
+
+
 def format_table(record: dict[str, Any]) -> str:
     """A human-readable block for one image."""
     lines = [record["path"]]
@@ -116,6 +132,11 @@ def format_table(record: dict[str, Any]) -> str:
         bar = "#" * max(1, round(tag["confidence"] * 40))
         lines.append(f"  {tag['confidence']:8.4f}  {tag['label']:<32} {bar}")
     return "\n".join(lines)
+
+
+def open_output(stack: contextlib.ExitStack, path: str | None, append: bool = False) -> IO[str]:
+    """`path` opened for writing or appending (closed with `stack`), or stdout when no path is given."""
+    return stack.enter_context(open(path, "a" if append else "w", encoding="utf-8")) if path else sys.stdout
 
 
 class Sink:
@@ -142,18 +163,18 @@ class StreamSink(Sink):
     def write(self, path: str, item: Any, record: dict[str, Any]) -> None:
         record = path_record(path, record)
         if self.fmt == "jsonl":
-            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.stream.write(json_text(record) + "\n")
             self.stream.flush()
-        elif self.fmt == "table":
-            self.stream.write(format_table(record) + "\n")
+        elif self.fmt == "table":  # a name that is not valid UTF-8 shows as \xNN rather than crashing
+            self.stream.write(format_table(record).encode("utf-8", "surrogateescape")
+                              .decode("utf-8", "backslashreplace") + "\n")
             self.stream.flush()
         else:
             self.records.append(record)
 
     def close(self) -> None:
         if self.fmt == "json":
-            json.dump(self.records, self.stream, ensure_ascii=False, indent=2)
-            self.stream.write("\n")
+            self.stream.write(json_text(self.records, indent=2) + "\n")
         self.stream.flush()
 
 
@@ -167,10 +188,36 @@ def cmd_tag(args: argparse.Namespace) -> int:
     if not paths:
         raise UsageError("no images found in " + ", ".join(args.paths)
                          + ("" if args.recursive else " (use --recursive for subfolders)"))
+    if args.overwrite and not args.sidecar:
+        raise UsageError("--overwrite only applies to --sidecar")
+    if args.resume:
+        from .outputs import remaining_paths
+
+        paths = remaining_paths(paths, args.output, args.format)
+        if not paths:
+            log.info("nothing to do: every image is already in %s", args.output)
+            return 0
     with contextlib.ExitStack() as stack:
-        out = stack.enter_context(open(args.output, "w", encoding="utf-8")) if args.output else sys.stdout
-        tagger = SiglipTagger(settings)
-        sinks: list[Sink] = [StreamSink(out, args.format)]
+        if args.ray or args.ray_address or args.actors is not None:
+            from .distributed import cli_tagger
+
+            tagger = stack.enter_context(cli_tagger(args, settings))
+        else:
+            tagger = SiglipTagger(settings)
+        if args.format == "parquet":
+            from .distributed import parquet_sink
+
+            sinks: list[Sink] = [parquet_sink(args.output)]
+        else:
+            sinks = [StreamSink(open_output(stack, args.output, append=args.resume), args.format)]
+        if args.sidecar:
+            from .outputs import SidecarSink
+
+            sinks.append(SidecarSink(overwrite=args.overwrite))
+        if args.save_embeddings:
+            from .store import EmbeddingWriter
+
+            sinks.append(EmbeddingWriter.for_tagger(args.save_embeddings, tagger))
         if args.report:
             from .report import ReportSink
 
@@ -215,8 +262,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
+    from huggingface_hub.utils import disable_progress_bars
+
     from .models import download
 
+    if args.quiet:
+        disable_progress_bars()
     folder = download(args.model, revision=args.revision)
     print(f"{args.model}: cached at {folder}")
     return 0
@@ -245,22 +296,95 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install_into_host(args: argparse.Namespace) -> int:
+    from .hostinstall import HostInstallError, install, uninstall
+
+    try:
+        done = uninstall(args.dir) if args.uninstall else install(args.dir)
+    except HostInstallError as exc:
+        raise UsageError(str(exc)) from None
+    for line in done:
+        print(line)
+    return 0
+
+
+def cmd_retag(args: argparse.Namespace) -> int:
+    from .engine import SiglipTagger
+    from .retag import retag
+    from .store import EmbeddingStore
+
+    records = retag(EmbeddingStore(args.store), SiglipTagger(settings_from_args(args)))
+    failed = total = 0
+    with contextlib.ExitStack() as stack:
+        sink = StreamSink(open_output(stack, args.output), args.format)
+        stack.callback(sink.close)
+        for path, record in records:
+            failed += "error" in record
+            total += 1
+            sink.write(path, None, record)
+    if failed:
+        log.warning("%d of %d images had failed when tagged; their errors are in the output", failed, total)
+    return 1 if failed else 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .engine import SiglipTagger
+    from .retag import search
+    from .store import EmbeddingStore
+
+    for hit in search(EmbeddingStore(args.store), SiglipTagger(settings_from_args(args)), args.query, args.k):
+        if args.format == "jsonl":
+            print(json.dumps({"path": hit.path, "score": hit.score}, ensure_ascii=False))
+        else:
+            print(f"{hit.score:8.4f}  {hit.path}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import FAIL, format_checks, run_checks
+
+    checks = run_checks(settings_from_args(args).model)
+    print(format_checks(checks))
+    return 1 if any(check.status == FAIL for check in checks) else 0
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visual-buffet-siglip", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bar")
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    _add_verbosity(parser, default=False)
+    parser.register("action", "parsers", _SubcommandsWithVerbosity)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     tag = sub.add_parser("tag", help="tag image files and folders")
     tag.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
     tag.add_argument("-r", "--recursive", action="store_true", help="descend into subfolders")
-    tag.add_argument("--format", choices=("json", "jsonl", "table"), default="json")
+    tag.add_argument("--format", choices=("json", "jsonl", "table", "parquet"), default="json",
+                     help="parquet needs --output FILE and pyarrow (extra `ray`)")
     tag.add_argument("-o", "--output", metavar="FILE", help="write results here instead of stdout")
     _add_settings_args(tag)
+    tag.add_argument("--ray", action="store_true", help="tag on Ray actors (extra `ray`): a local Ray instance "
+                     "unless --ray-address names a cluster; same records as without it")
+    tag.add_argument("--ray-address", metavar="ADDR", help="with --ray: the cluster to join, as ray.init takes it "
+                     "(auto, ray://head:10001)")
+    tag.add_argument("--actors", type=int, metavar="N", help="with --ray: tagging actors (default: one per GPU, "
+                     "else one per 4 CPUs)")
+    tag.add_argument("--resume", action="store_true", help="with --output FILE --format jsonl: skip the images "
+                     "already in FILE and append the rest (for a run that was interrupted)")
+    tag.add_argument("--sidecar", action="store_true", help="also write <stem>_tags.json next to each image "
+                     "(the host's layout), atomically; sidecars newer than their image are kept")
+    tag.add_argument("--overwrite", action="store_true", help="with --sidecar: replace sidecars even when "
+                     "they are newer than their image")
+    tag.add_argument("--save-embeddings", metavar="FILE", help="also keep the image embeddings in a new "
+                     "store FILE, for `retag` and `search` without another vision pass")
     tag.add_argument("--report", metavar="HTML", help="also write a self-contained HTML contact sheet "
                      "with a threshold explorer (tags kept down to 0.001 for it)")
     tag.set_defaults(func=cmd_tag)
@@ -288,7 +412,51 @@ def build_parser() -> argparse.ArgumentParser:
                         "as when tagging)")
     report.add_argument("--threshold", type=float, default=0.01, help="where the slider starts (default 0.01)")
     report.set_defaults(func=cmd_report)
+
+    host = sub.add_parser("install-into-host", help="make a Visual Buffet checkout use this plugin for 'siglip'")
+    host.add_argument("dir", metavar="DIR",
+                      help="the Visual Buffet checkout (it holds src/visual_buffet/ and plugins/)")
+    host.add_argument("--uninstall", action="store_true",
+                      help="remove it and restore the newest backup of the host's own siglip plugin")
+    host.set_defaults(func=cmd_install_into_host)
+
+    retag = sub.add_parser("retag", help="tag again from an embedding store (new labels, no image opened)")
+    retag.add_argument("store", metavar="FILE", help="a store written by `tag --save-embeddings`")
+    retag.add_argument("--format", choices=("json", "jsonl", "table"), default="json")
+    retag.add_argument("-o", "--output", metavar="FILE", help="write results here instead of stdout")
+    _add_settings_args(retag)
+    retag.set_defaults(func=cmd_retag)
+
+    search = sub.add_parser("search", help="find the stored images that best match a text")
+    search.add_argument("store", metavar="FILE", help="a store written by `tag --save-embeddings`")
+    search.add_argument("query", help='what to look for, e.g. "a dog on a beach"')
+    search.add_argument("-k", type=_positive_int, default=20, help="how many images to show (default 20)")
+    search.add_argument("--format", choices=("table", "jsonl"), default="table")
+    _add_settings_args(search)
+    search.set_defaults(func=cmd_search)
+
+    doctor = sub.add_parser("doctor", help="check this machine: versions, device, extras, cache, offline mode")
+    doctor.add_argument("--config", metavar="FILE", help="TOML file whose [plugins.siglip] model is checked")
+    doctor.add_argument("--model", help="the model to check is cached (default: the configured one)")
+    doctor.set_defaults(func=cmd_doctor)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default: Any) -> None:
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", default=default,
+                           help="only errors; no progress bar")
+    verbosity.add_argument("-v", "--verbose", action="store_true", default=default,
+                           help="debug logging and tracebacks")
+
+
+class _SubcommandsWithVerbosity(argparse._SubParsersAction):
+    """Every subcommand also takes -q/-v (`tag DIR -v`); SUPPRESS keeps one given before the subcommand."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser = super().add_parser(name, **kwargs)
+        _add_verbosity(parser, default=argparse.SUPPRESS)
+        return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -296,27 +464,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for option in ("quiet", "verbose"):  # accepted before or after the subcommand
         setattr(args, option, getattr(args, option, False))
+    if args.quiet and args.verbose:
+        parser.error("-q/--quiet and -v/--verbose cannot be combined")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO,
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
     if not args.verbose:
-        _quiet_libraries()
+        _quiet_libraries(hub_progress=args.command == "download")
     from .models import ModelLoadError
 
     try:
         return args.func(args)
-    except (ConfigError, ModelLoadError, UsageError) as exc:
+    except (ConfigError, ModelLoadError, UsageError, OSError) as exc:  # OSError: an output path, a full disk
         if args.verbose:
             log.exception("failed")
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug: still no traceback unless asked for
+        if args.verbose:
+            log.exception("failed")
+        print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
 
-def _quiet_libraries() -> None:
-    """transformers' and the hub's progress bars and warnings are noise in a CLI's stderr."""
+def _quiet_libraries(hub_progress: bool = False) -> None:
+    """transformers' and the hub's progress bars and warnings are noise in a CLI's stderr (except `download`'s)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not hub_progress:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("transformers", "huggingface_hub", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -313,7 +313,7 @@ def _validate(block: Mapping[Any, Any], base_dir: str | os.PathLike[str] | None
     if "labels" in values and "labels_file" in values:
         problems.append("labels and labels_file are both set: use one of them")
     if "labels_file" in values:
-        path = Path(values["labels_file"]).expanduser()
+        path = Path(os.path.expanduser(values["labels_file"]))  # Path.expanduser raises on ~unknown-user
         if base_dir is not None and not path.is_absolute():
             path = Path(base_dir) / path
         if not path.is_file():
@@ -322,7 +322,10 @@ def _validate(block: Mapping[Any, Any], base_dir: str | os.PathLike[str] | None
         else:
             values["labels_file"] = str(path.resolve())
     if "cache_dir" in values:
-        values["cache_dir"] = str(Path(values["cache_dir"]).expanduser())
+        values["cache_dir"] = os.path.expanduser(values["cache_dir"])
+        if values["cache_dir"].startswith("~"):
+            problems.append(f"cache_dir = {_describe(values['cache_dir'])}: cannot expand '~' (no such user); "
+                            "give an absolute path")
     return values, problems
 
 

@@ -2,6 +2,24 @@
 
 Tagging is built from three public steps, `embed_images`, `embed_texts` and
 `score`, so re-tagging stored embeddings and searching cannot drift from it.
+
+Where the time goes, and what this module does about it:
+- text: each label is encoded once per model, ever. Embeddings live in memory
+  and in an on-disk safetensors cache (`textcache`), so a second process reads
+  ~1,000 labels in milliseconds instead of running the text tower over them.
+- decoding: large JPEGs decode at reduced size ("fast" decode: DCT scaling, never
+  below twice the model's input side), and fixed-resolution images are resized to
+  the model's input with PIL before the processor sees them, which is exactly
+  what the processor's own resize would do (bit-identical) minus two full-size
+  array copies.
+- overlap: decode + preprocessing run in worker threads. Where the model has
+  cores to itself (a GPU, or a CPU with cores torch does not use) workers decode
+  a bounded window ahead while the model runs. Where torch already uses every
+  core (the usual CPU case) a decode thread would only steal cycles from the
+  model's own threads, so the next batch is decoded in parallel *between* model
+  calls instead ("phased"). `decode_policy` makes that choice; benchmarks/ measures it.
+- scoring: one float64 matrix product per batch against the label matrix
+  converted once per run; results do not depend on how images are batched.
 """
 
 from __future__ import annotations
@@ -12,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,11 +43,12 @@ from .hardware import HardwareProfile, Plan, detect
 from .hardware import plan as make_plan
 from .images import ImageError, ImageSource, describe, load_image
 from .models import LoadedModel, load, model_info
-from .textcache import LabelEmbeddingCache
+from .textcache import DiskLabelStore, LabelEmbeddingCache, cache_root, library_versions, weights_digest
 
 log = logging.getLogger(__name__)
 
 TEXT_BATCH = 64
+MAX_DECODE_WORKERS = 16
 
 
 class NonFiniteScoreError(RuntimeError):
@@ -61,6 +80,67 @@ class _Prepared:
     decode_ms: float
 
 
+@dataclass(frozen=True)
+class DecodePolicy:
+    """How images are decoded relative to the model.
+
+    mode: "overlap" (workers decode up to `window` images ahead while the model
+    runs), "phased" (the next batch is decoded by `workers` threads between model
+    calls), or "inline" (decoded one by one in the calling thread).
+    """
+
+    mode: str
+    workers: int
+    window: int
+    reason: str
+
+
+def decode_policy(device: str, cpus: int, torch_threads: int, batch_size: int) -> DecodePolicy:
+    """The decode/model overlap for a machine (pure; see the module docstring for why)."""
+    batch_size = max(1, batch_size)
+    if device != "cpu":
+        workers = max(1, min(MAX_DECODE_WORKERS, cpus - 1))
+        return DecodePolicy("overlap", workers, max(2 * batch_size, 2 * workers),
+                            f"{device}: the model runs off the CPU, so {workers} decode threads "
+                            f"({cpus} CPUs, one kept for the main thread) work ahead of it")
+    spare = cpus - torch_threads
+    if spare >= 1:
+        workers = min(MAX_DECODE_WORKERS, spare)
+        return DecodePolicy("overlap", workers, max(2 * batch_size, 2 * workers),
+                            f"cpu: torch uses {torch_threads} of {cpus} CPUs, so {workers} decode "
+                            "threads run beside it on the others")
+    if cpus <= 1:
+        return DecodePolicy("inline", 0, 1, "cpu: one CPU, so images decode in the calling thread")
+    workers = max(1, min(MAX_DECODE_WORKERS, cpus, batch_size))
+    return DecodePolicy("phased", workers, batch_size,
+                        f"cpu: torch uses all {cpus} CPUs, so a decode thread beside it would only "
+                        f"compete; each next batch decodes on {workers} threads between model calls")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (affinity-aware)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class _Scorer:
+    """Sigmoid confidences against one label matrix, converted to float64 once."""
+
+    def __init__(self, model: Any, text_embeddings: np.ndarray):
+        self.scale = model.logit_scale.detach().float().cpu().exp()
+        self.bias = model.logit_bias.detach().float().cpu()
+        self.text_t = torch.from_numpy(np.ascontiguousarray(text_embeddings, dtype=np.float64)).T
+
+    def __call__(self, image_embeddings: np.ndarray) -> np.ndarray:
+        # Dot products accumulate in float64, so a score does not depend on how many images or
+        # labels share the call (tagging, re-tagging and search agree to the last bit in practice).
+        img = torch.from_numpy(np.ascontiguousarray(image_embeddings, dtype=np.float64))
+        logits = (img @ self.text_t).float() * self.scale + self.bias
+        return torch.sigmoid(logits).numpy()
+
+
 class SiglipTagger:
     """Tags images with a SigLIP model. Thread-safe; the model loads on first use."""
 
@@ -70,8 +150,11 @@ class SiglipTagger:
         self._loaded: LoadedModel | None = None
         self._load_lock = threading.Lock()
         self._model_lock = threading.Lock()
-        self._labels = LabelEmbeddingCache()
+        self._text_lock = threading.Lock()
+        self._labels: LabelEmbeddingCache | None = None
         self._batch_size: int | None = None
+        self._policy: DecodePolicy | None = None
+        self._resize: tuple[tuple[int, int], int] | None = None
 
     # --- model -----------------------------------------------------------------------------
     @property
@@ -88,8 +171,10 @@ class SiglipTagger:
                     chosen = make_plan(profile, self.settings, model_info(self.settings.model))
                     for warning in chosen.warnings:
                         log.warning("%s", warning)
-                    self._loaded = load(self.settings.model, chosen)
+                    loaded = load(self.settings.model, chosen)
                     self._batch_size = chosen.batch_size
+                    self._resize = _fixed_resize(loaded)
+                    self._loaded = loaded
         return self._loaded
 
     @property
@@ -98,6 +183,15 @@ class SiglipTagger:
         self.loaded  # noqa: B018 - the plan sets it
         assert self._batch_size is not None
         return self._batch_size
+
+    @property
+    def decode_policy(self) -> DecodePolicy:
+        """How decoding overlaps the model on this machine (set `_policy` to override)."""
+        if self._policy is None:
+            device = torch.device(self.plan.device).type
+            self._policy = decode_policy(device, available_cpus(), torch.get_num_threads(), self.batch_size)
+            log.debug("decode policy: %s", self._policy.reason)
+        return self._policy
 
     @property
     def _device(self) -> torch.device:
@@ -112,15 +206,45 @@ class SiglipTagger:
         return 2 * side
 
     # --- text ------------------------------------------------------------------------------
+    @property
+    def label_cache(self) -> LabelEmbeddingCache:
+        """This model's label embeddings: memory, plus the disk cache unless `text_cache = false`."""
+        if self._labels is None:
+            with self._text_lock:
+                if self._labels is None:
+                    disk = None
+                    if self.settings.text_cache:
+                        disk = DiskLabelStore(cache_root(self.settings.cache_dir), self.text_cache_key())
+                    self._labels = LabelEmbeddingCache(disk)
+        return self._labels
+
+    def text_cache_key(self) -> dict[str, Any]:
+        """Everything that changes a label's embedding (the disk cache's key)."""
+        loaded = self.loaded
+        plan = loaded.plan
+        return {
+            "model": loaded.fingerprint,
+            "weights": weights_digest(loaded.source),
+            "template": TEMPLATE, "lowercase": True, "padding": "max_length", "max_length": MAX_LENGTH,
+            "dtype": plan.dtype, "quantization": plan.quantization, "attention": plan.attention,
+            "device": torch.device(plan.device).type,
+            **library_versions(),
+        }
+
     def embed_texts(self, labels: Sequence[str]) -> np.ndarray:
         """[m, d] L2-normalised float32 embeddings of `labels` in the fixed prompt, in order."""
         keyed = [normalize_label(label) for label in labels]
-        found = self._labels.get(keyed)
-        missing = list(dict.fromkeys(label for label in keyed if label not in found))
+        cache = self.label_cache
+        found = cache.get(keyed)
+        missing = [label for label in dict.fromkeys(keyed) if label not in found]
         if missing:
-            fresh = self._encode_texts(missing)
-            self._labels.put(fresh)
-            found.update(fresh)
+            with self._text_lock:  # one thread encodes; others waiting for the same labels reuse them
+                found.update(cache.get(missing, count=False))
+                missing = [label for label in missing if label not in found]
+                if missing:
+                    fresh = self._encode_texts(missing)
+                    cache.put(fresh)
+                    found.update(fresh)
         if not keyed:
             return np.zeros((0, self._embed_dim()), dtype=np.float32)
         return np.stack([found[label] for label in keyed])
@@ -150,6 +274,9 @@ class SiglipTagger:
         start = time.perf_counter()
         try:
             image = load_image(source, draft_size=draft)
+            if self._resize is not None and image.size != self._resize[0]:
+                # what the processor's own (PIL) resize does, without its two full-size array copies
+                image = image.resize(*self._resize)
             kwargs: dict[str, Any] = {"return_tensors": "pt"}
             if self.loaded.info.family == "naflex":
                 kwargs["max_num_patches"] = self.settings.max_num_patches
@@ -164,29 +291,48 @@ class SiglipTagger:
                              _ms(start))
 
     def _prepared(self, images: Iterable[ImageSource]) -> Iterator[_Prepared]:
-        """Decode + preprocess in worker threads, a bounded window ahead of the model, in order."""
+        """Decoded + preprocessed images in input order, at most a bounded window in memory."""
         draft = self._draft_size()
-        window = max(2, 2 * self.batch_size)
-        workers = max(1, min(8, (os.cpu_count() or 2) - 1))
-        with ThreadPoolExecutor(workers, thread_name_prefix="siglip-decode") as pool:
-            pending: deque = deque()
-            for index, source in enumerate(images):
-                pending.append(pool.submit(self._prepare, index, source, draft))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
+        policy = self.decode_policy
+        numbered = enumerate(images)
+        if policy.workers == 0:
+            for index, source in numbered:
+                yield self._prepare(index, source, draft)
+            return
+        pool = ThreadPoolExecutor(policy.workers, thread_name_prefix="siglip-decode")
+        pending: deque[Future[_Prepared]] = deque()
+        try:
+            exhausted = False
+            while True:
+                # overlap: keep the window full; phased: refill only once the consumer has taken
+                # the whole previous batch (it is running the model on it meanwhile)
+                if not exhausted and (policy.mode == "overlap" or not pending):
+                    while len(pending) < policy.window:
+                        nxt = next(numbered, None)
+                        if nxt is None:
+                            exhausted = True
+                            break
+                        pending.append(pool.submit(self._prepare, nxt[0], nxt[1], draft))
+                if not pending:
+                    return
                 yield pending.popleft().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def iter_image_embeddings(self, images: Iterable[ImageSource]) -> Iterator[ImageEmbedding]:
         """Embeddings (or errors) for `images`, streamed in input order with bounded memory."""
+        for batch in self._batches(images):
+            yield from batch
+
+    def _batches(self, images: Iterable[ImageSource]) -> Iterator[list[ImageEmbedding]]:
         batch: list[_Prepared] = []
         for item in self._prepared(images):
             batch.append(item)
             if len(batch) >= self.batch_size:
-                yield from self._run_batch(batch)
+                yield self._run_batch(batch)
                 batch = []
         if batch:
-            yield from self._run_batch(batch)
+            yield self._run_batch(batch)
 
     def _run_batch(self, batch: list[_Prepared]) -> list[ImageEmbedding]:
         good = [item for item in batch if item.inputs is not None]
@@ -244,15 +390,7 @@ class SiglipTagger:
     # --- scoring ---------------------------------------------------------------------------
     def score(self, image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
         """[n, m] sigmoid confidences, with the model's own logit scale and bias, in float32."""
-        model = self.loaded.model
-        scale = model.logit_scale.detach().float().cpu().exp()
-        bias = model.logit_bias.detach().float().cpu()
-        # Dot products accumulate in float64, so a score does not depend on how many images or
-        # labels share the call (tagging, re-tagging and search agree to the last bit in practice).
-        img = torch.from_numpy(np.ascontiguousarray(image_embeddings, dtype=np.float64))
-        txt = torch.from_numpy(np.ascontiguousarray(text_embeddings, dtype=np.float64))
-        logits = (img @ txt.T).float() * scale + bias
-        return torch.sigmoid(logits).numpy()
+        return _Scorer(self.loaded.model, text_embeddings)(image_embeddings)
 
     # --- tagging ---------------------------------------------------------------------------
     def iter_tag(self, images: Iterable[ImageSource], *, labels: Sequence[str] | None = None,
@@ -260,16 +398,26 @@ class SiglipTagger:
                  ) -> Iterator[tuple[ImageEmbedding, dict[str, Any]]]:
         """(embedding, result record) per image, streamed in input order."""
         label_list = list(normalize_labels(labels)) if labels is not None else list(self.settings.label_set)
-        text = self.embed_texts(label_list)
-        for item in self.iter_image_embeddings(images):
-            yield item, self.record(item, label_list, text, threshold=threshold, max_tags=max_tags)
+        scorer = _Scorer(self.loaded.model, self.embed_texts(label_list))
+        for batch in self._batches(images):
+            good = [item for item in batch if item.vector is not None]
+            rows = dict(zip((item.index for item in good),
+                            scorer(np.stack([item.vector for item in good])))) if good else {}
+            for item in batch:
+                yield item, self.record_scores(item, label_list, rows.get(item.index),
+                                               threshold=threshold, max_tags=max_tags)
 
     def record(self, item: ImageEmbedding, labels: Sequence[str], text: np.ndarray, *,
                threshold: float | None = None, max_tags: int | None = None) -> dict[str, Any]:
         """The output-contract record for one image embedding against a label set."""
+        scores = None if item.error is not None else self.score(item.vector[None, :], text)[0]
+        return self.record_scores(item, labels, scores, threshold=threshold, max_tags=max_tags)
+
+    def record_scores(self, item: ImageEmbedding, labels: Sequence[str], scores: np.ndarray | None, *,
+                      threshold: float | None = None, max_tags: int | None = None) -> dict[str, Any]:
+        """`record` from this image's row of `score` (re-tagging scores many images per call)."""
         if item.error is not None:
             return {"tags": [], "error": item.error}
-        scores = self.score(item.vector[None, :], text)[0]
         if not np.isfinite(scores).all():
             message = (f"{describe(item.source)}: the model produced non-finite scores "
                        f"(dtype {self.plan.dtype}); set dtype = \"float32\"")
@@ -291,9 +439,33 @@ class SiglipTagger:
 def select_tags(labels: Sequence[str], scores: np.ndarray, threshold: float, max_tags: int
                 ) -> list[dict[str, Any]]:
     """Labels scoring >= threshold, by confidence descending then label, at most max_tags."""
-    keep = [(float(s), label) for label, s in zip(labels, scores) if s >= threshold]
+    keep = [(float(scores[i]), labels[i]) for i in np.flatnonzero(scores >= threshold)]
     keep.sort(key=lambda pair: (-pair[0], pair[1]))
     return [{"label": label, "confidence": conf} for conf, label in keep[:max_tags]]
+
+
+def _fixed_resize(loaded: LoadedModel) -> tuple[tuple[int, int], int] | None:
+    """((width, height), resample) when the processor resizes every image to one size with PIL.
+
+    Then resizing the decoded image ourselves first gives bit-identical pixel
+    values (the processor's resize becomes a no-op) and skips its full-size
+    PIL -> numpy -> PIL round trip, ~0.1-0.4 s for a 12-24 MP photo. Processors
+    with another backend (torchvision) or size rule (NaFlex) are left alone.
+    """
+    processor = getattr(loaded.processor, "image_processor", None)
+    try:
+        from transformers.image_processing_backends import PilBackend
+    except ImportError:  # pragma: no cover - transformers without the PIL backend class
+        return None
+    if not isinstance(processor, PilBackend) or loaded.info.family == "naflex":
+        return None
+    size = getattr(processor, "size", None)
+    height, width = getattr(size, "height", None), getattr(size, "width", None)
+    if not (getattr(processor, "do_resize", False) and height and width) \
+            or getattr(processor, "do_center_crop", False) or getattr(processor, "do_pad", False) \
+            or getattr(processor, "resample", None) is None:
+        return None
+    return (int(width), int(height)), int(processor.resample)
 
 
 def _pooled(output: Any) -> torch.Tensor:

@@ -1,22 +1,52 @@
 """Safe image decoding: every failure becomes a typed, per-file error, never a crashed run.
 
-Decoding matches what transformers' processors do to a PIL image (transparency
-composited onto white, then RGB), after applying the EXIF orientation a photo
-viewer would show. `draft_size` enables JPEG reduced-size decoding (DCT
-scaling), which never goes below the requested size on either side.
+Decoding matches what transformers' processors do to an ordinary 8-bit PIL
+image (transparency composited onto white, then RGB), after applying the EXIF
+orientation a photo viewer would show. What transformers would get wrong we fix
+first: 16-bit and float images are scaled to 8 bits (PIL's own convert clips
+them to white), and only the first frame of an animation is used.
+
+Size policy (real archives hold 200-megapixel panoramas *and* decompression bombs):
+- images over `max_pixels()` (250 MP unless VISUAL_BUFFET_SIGLIP_MAX_PIXELS says
+  otherwise) are refused from their header, before any pixel is decoded;
+- images over LARGE_PIXELS (89.5 MP, PIL's own warning size) must carry at least
+  one byte of file per MAX_PIXELS_PER_BYTE pixels, else they are refused as a
+  likely bomb (setting VISUAL_BUFFET_SIGLIP_MAX_PIXELS trusts the files and
+  lifts this check);
+- images over LARGE_PIXELS decode one at a time (a lock), so parallel decode
+  threads never hold several huge rasters at once, and with `draft_size` they
+  are reduced right after decoding (JPEGs already decode reduced via DCT scaling).
+PIL's global MAX_IMAGE_PIXELS is raised to our limit when it is lower (never
+lowered), since PIL would otherwise refuse a genuine 180+ MP panorama itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
+import logging
 import os
-import warnings
+import re
+import stat
+import threading
 from pathlib import Path
-from typing import Union
+from typing import IO, Union
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+log = logging.getLogger(__name__)
+
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
+
+MAX_PIXELS_ENV = "VISUAL_BUFFET_SIGLIP_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 250_000_000
+LARGE_PIXELS = 89_478_485  # PIL's default MAX_IMAGE_PIXELS
+MAX_PIXELS_PER_BYTE = 1000  # real photos carry ~0.05-0.5 pixels per byte; flat graphics ~100
+HEIF_EXTRA = "pip install 'visual-buffet-siglip[heif]'"
+
+_large_decode = threading.Lock()
 
 
 class ImageError(Exception):
@@ -44,6 +74,12 @@ class ImageDecodeError(ImageError):
     kind = "ImageDecodeError"
 
 
+class EmptyFileError(ImageDecodeError):
+    """A zero-byte file: usually an interrupted copy or sync."""
+
+    kind = "EmptyFileError"
+
+
 class ImageTooLargeError(ImageError):
     kind = "ImageTooLargeError"
 
@@ -61,37 +97,159 @@ def describe(source: ImageSource) -> str:
     return f"<PIL image {getattr(source, 'filename', '') or id(source)}>"
 
 
-_HEIF_SUFFIXES = (".heic", ".heif", ".avif", ".hif")
+# --- size policy ------------------------------------------------------------------------------
 
-
-def _heif_available() -> bool:
+def max_pixels() -> tuple[int, bool]:
+    """(pixel limit, whether the user set it): VISUAL_BUFFET_SIGLIP_MAX_PIXELS or 250 MP."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS, False
     try:
-        from pillow_heif import register_heif_opener
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        _warn_bad_limit(raw)
+        return DEFAULT_MAX_PIXELS, False
+    return value, True
+
+
+@functools.lru_cache(maxsize=8)
+def _warn_bad_limit(raw: str) -> None:
+    log.warning("%s=%r is not a positive whole number of pixels; using the default %d. "
+                "Fix: e.g. %s=400000000 to allow images up to 400 MP",
+                MAX_PIXELS_ENV, raw, DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV)
+
+
+def check_size(name: str, size: tuple[int, int], file_bytes: int | None, limit: int,
+               trust_files: bool = False) -> None:
+    """Refuse an image from its header alone: over `limit` pixels, or a likely decompression bomb."""
+    width, height = size
+    pixels = width * height
+    how = (f"if it is genuine, set {MAX_PIXELS_ENV} to a larger number of pixels "
+           f"(e.g. {MAX_PIXELS_ENV}={max(pixels + 1, 2 * limit)})")
+    if pixels > limit:
+        raise ImageTooLargeError(f"{name}: {width}x{height} is {_mp(pixels)} megapixels, over the "
+                                 f"{_mp(limit)} MP limit; refused before decoding. Resize it, or {how}")
+    if not trust_files and file_bytes is not None and pixels > LARGE_PIXELS \
+            and pixels > file_bytes * MAX_PIXELS_PER_BYTE:
+        raise ImageTooLargeError(f"{name}: declares {width}x{height} ({_mp(pixels)} MP) in a file of only "
+                                 f"{file_bytes} bytes; refused as a likely decompression bomb. Check the file; "
+                                 f"{how}")
+
+
+def _mp(pixels: int) -> str:
+    return f"{pixels / 1e6:.3g}"
+
+
+def _allow_pil(limit: int) -> None:
+    """Let PIL open what our policy allows: it raises DecompressionBombError at 2x its limit."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+# --- formats ----------------------------------------------------------------------------------
+
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+
+
+@functools.lru_cache(maxsize=1)
+def heif_available() -> bool:
+    """Register pillow-heif's HEIC/HEIF opener (the `heif` extra) once; False when not installed."""
+    try:
+        import pillow_heif
     except ImportError:
         return False
-    register_heif_opener()
+    pillow_heif.register_heif_opener()
+    from PIL import features
+
+    avif_opener = getattr(pillow_heif, "register_avif_opener", None)  # pillow-heif < 1.0 only
+    if avif_opener is not None and not features.check("avif"):
+        avif_opener()
     return True
 
 
-def _open(source: ImageSource, name: str) -> Image.Image:
+def _unidentified(name: str, handle: IO[bytes]) -> ImageError:
+    """Why PIL could not identify a file: a missing HEIF/AVIF decoder, or not an image at all."""
+    handle.seek(0)
+    head = handle.read(16)
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in _AVIF_BRANDS:
+            return UnsupportedFormatError(
+                f"{name}: AVIF image, but this Pillow cannot read AVIF. Fix: pip install -U 'pillow>=11.3' "
+                f"(its wheels read AVIF) or, with older Pillow, {HEIF_EXTRA} (pillow-heif < 1.0)")
+        if brand in _HEIF_BRANDS:
+            if not heif_available():
+                return UnsupportedFormatError(
+                    f"{name}: HEIC/HEIF image; reading it needs the optional `heif` extra: {HEIF_EXTRA}")
+            return ImageDecodeError(f"{name}: HEIC/HEIF image that pillow-heif cannot decode (damaged?)")
+    return ImageDecodeError(f"{name}: not an image format Pillow can read (the file starts with {head[:8]!r}); "
+                            "check that it really is an image")
+
+
+def _open(source: ImageSource, name: str, stack: contextlib.ExitStack) -> tuple[Image.Image, int | None]:
+    """The opened (not yet decoded) image and its file size; the file closes when `stack` exits.
+
+    The image object is left open: once loaded it holds its pixels and needs no file.
+    """
     if isinstance(source, Image.Image):
-        return source
+        return source, None
+    heif_available()
     if isinstance(source, bytes):
-        return Image.open(io.BytesIO(source))
-    path = Path(source)
-    if path.suffix.lower() in _HEIF_SUFFIXES and not _heif_available():
-        raise UnsupportedFormatError(
-            f"{name}: HEIC/HEIF/AVIF images need the optional extra: pip install 'visual-buffet-siglip[heif]'")
-    try:
-        if path.is_dir():
+        handle: IO[bytes] = io.BytesIO(source)
+        size = len(source)
+    else:
+        path = Path(source)
+        try:
+            info = path.stat()  # before open(): opening a FIFO would block the run forever
+        except FileNotFoundError:
+            raise ImageNotFoundError(f"{name}: no such file (moved or deleted?)") from None
+        except PermissionError:
+            raise ImagePermissionError(f"{name}: permission denied; check the permissions of the file "
+                                       "and its folders") from None
+        if stat.S_ISDIR(info.st_mode):
             raise NotAFileError(f"{name}: is a directory, not an image file")
-        return Image.open(path)
-    except FileNotFoundError:
-        raise ImageNotFoundError(f"{name}: no such file") from None
-    except PermissionError:
-        raise ImagePermissionError(f"{name}: permission denied; check the file's read permission") from None
-    except IsADirectoryError:
-        raise NotAFileError(f"{name}: is a directory, not an image file") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise NotAFileError(f"{name}: not a regular file (a device, pipe or socket); pass image files only")
+        try:
+            handle = stack.enter_context(open(path, "rb"))
+        except FileNotFoundError:
+            raise ImageNotFoundError(f"{name}: no such file (moved or deleted?)") from None
+        except PermissionError:
+            raise ImagePermissionError(f"{name}: permission denied; check the file's read permission") from None
+        size = info.st_size
+    if size == 0:
+        raise EmptyFileError(f"{name}: the file is empty (0 bytes), often an interrupted copy; "
+                             "copy it again from the original")
+    try:
+        return Image.open(handle), size
+    except UnidentifiedImageError:
+        raise _unidentified(name, handle) from None
+
+
+# --- pixels -----------------------------------------------------------------------------------
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and float images scaled to 8-bit L; other modes unchanged.
+
+    I;16*: 0..65535 -> 0..255. I: the same when its values fit 16 bits (how older
+    Pillow opens 16-bit PNGs), else its own min..max. F: 0..1 -> 0..255 when its
+    values lie there, else min..max. NaN becomes 0.
+    """
+    mode = image.mode
+    if not (mode.startswith("I;16") or mode in ("I", "F")):
+        return image
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode.startswith("I;16") or (mode == "I" and low >= 0 and high <= 65535):
+        scaled = values / 257.0
+    elif mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255.0
+    else:
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -105,31 +263,52 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: ImageSource, *, draft_size: int | None = None) -> Image.Image:
-    """Decode `source` to an upright RGB image, or raise an ImageError naming it.
+def _reduce(image: Image.Image, draft_size: int | None) -> Image.Image:
+    """A huge decoded raster shrunk by an integer factor, both sides staying >= draft_size."""
+    if not draft_size or image.width * image.height <= LARGE_PIXELS:
+        return image
+    factor = min(image.size) // draft_size
+    return image.reduce(factor) if factor >= 2 else image
 
-    `draft_size`: for JPEGs, let the decoder scale down by 1/2, 1/4 or 1/8 as long
-    as both sides stay >= draft_size (much faster for large photos).
+
+def load_image(source: ImageSource, *, draft_size: int | None = None) -> Image.Image:
+    """Decode `source` to an upright 8-bit RGB image, or raise an ImageError naming it.
+
+    `draft_size`: let large images decode reduced (JPEG DCT scaling by 1/2, 1/4 or
+    1/8; other formats above LARGE_PIXELS by an integer factor) as long as both
+    sides stay >= draft_size.
     """
     name = describe(source)
+    limit, trusted = max_pixels()
+    _allow_pil(limit)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = _open(source, name)
+        with contextlib.ExitStack() as stack:
+            image, file_bytes = _open(source, name, stack)
+            check_size(name, image.size, file_bytes, limit, trusted)
             if draft_size and image.format == "JPEG":
                 image.draft("RGB", (draft_size, draft_size))
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
+            huge = image.width * image.height > LARGE_PIXELS
+            with _large_decode if huge else contextlib.nullcontext():
+                image.load()
+                if image is not source:
+                    ImageOps.exif_transpose(image, in_place=True)
+                else:
+                    image = ImageOps.exif_transpose(image)  # never modify the caller's image
+                return _reduce(to_rgb(to_8bit(image)), draft_size)
     except ImageError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(
-            f"{name}: {exc} Refused as a possible decompression bomb; resize the image "
-            "if it is genuine") from None
-    except UnidentifiedImageError:
-        raise ImageDecodeError(f"{name}: not a recognised image format (or the file is empty)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # PIL's guard fired first
+        # (the warning is raised only where warnings are errors; PIL refuses 2x its limit either way)
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{_mp(int(found.group(1)))} megapixels" if found else "huge"
+        raise ImageTooLargeError(f"{name}: {size}, over the {_mp(limit)} MP limit; refused before decoding "
+                                 f"as a possible decompression bomb. Resize it, or if it is genuine, set "
+                                 f"{MAX_PIXELS_ENV} to a larger number of pixels") from None
+    except MemoryError:
+        raise ImageTooLargeError(f"{name}: not enough memory to decode it; free memory or resize the image") from None
     except PermissionError:
         raise ImagePermissionError(f"{name}: permission denied; check the file's read permission") from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
-        raise ImageDecodeError(f"{name}: cannot decode image ({exc})") from None
+    except Exception as exc:  # any decoder failure is this file's problem, never the run's
+        detail = str(exc) or type(exc).__name__
+        raise ImageDecodeError(f"{name}: cannot decode image ({detail}); the file may be truncated or damaged") \
+            from None

@@ -113,7 +113,7 @@ def _looks_like_google_siglip(name: str) -> bool:
 
 def model_name_problem(name: str) -> str | None:
     """Why `name` cannot be a SigLIP model, or None when it may be one (pure, no I/O beyond a stat)."""
-    if name in REGISTRY or Path(name).expanduser().is_dir():
+    if name in REGISTRY or Path(os.path.expanduser(name)).is_dir():  # Path.expanduser raises on ~unknown-user
         return None
     if _looks_like_google_siglip(name) or name.lower() in {k.lower() for k in REGISTRY}:
         close = closest_models(name)
@@ -191,7 +191,7 @@ def resolve_source(name: str) -> Path:
     Cached hub models load with no network access at all (fast, never hangs);
     `visual-buffet-siglip download` is how a cached copy is fetched or refreshed.
     """
-    local = Path(name).expanduser()
+    local = Path(os.path.expanduser(name))
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ModelLoadError(f"model directory {str(local)!r} has no config.json; "
@@ -259,12 +259,13 @@ class LoadedModel:
 
 def load(name: str, plan: Plan) -> LoadedModel:
     """Load model + processor for `plan`: safetensors only, never remote code."""
+    source = resolve_source(name)  # before importing transformers (seconds), so a missing model fails fast
+    config = read_model_config(str(source))
+    info = model_info(name, config=config)
+
     import torch
     from transformers import AutoModel, AutoProcessor, Siglip2Model
 
-    source = resolve_source(name)
-    config = read_model_config(str(source))
-    info = model_info(name, config=config)
     if not any(source.glob("*.safetensors")):
         pickles = [p.name for p in source.glob("*.bin")] + [p.name for p in source.glob("*.pt*")]
         found = f" (found only {', '.join(pickles)})" if pickles else ""

@@ -1,0 +1,1 @@
+"""Plugin interface and loader of the stand-in host."""

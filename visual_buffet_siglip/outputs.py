@@ -1,0 +1,171 @@
+"""Outputs that survive interruption: a resumable jsonl file and per-image sidecars.
+
+A run over 50,000 photos gets killed sooner or later (power, the OOM killer, a
+closed laptop). `tag --output FILE --format jsonl` flushes every record as soon
+as it is known; `--resume` reads FILE back, repairs a line cut off mid-write,
+skips the images already in it and appends the rest, so a killed and resumed
+run holds exactly one line per image. Sidecars are written through a temporary
+file and a rename, so a reader sees the old sidecar or the new one, never half.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .cli import Sink, UsageError, json_text, path_record
+from .config import PLUGIN_NAME
+
+log = logging.getLogger(__name__)
+
+SIDECAR_SUFFIX = "_tags.json"
+
+
+# --- resume -----------------------------------------------------------------------------------
+
+def path_key(path: str) -> str:
+    """How resume matches images: absolute and normalised, so `./a.jpg` and `a.jpg` are one image."""
+    return os.path.normpath(os.path.abspath(path))
+
+
+def read_done(output: Path) -> set[str]:
+    """`path_key`s of the images already recorded in jsonl file `output` (empty when it does not exist).
+
+    A last line without its newline is what a killed run leaves: kept (newline
+    added) when it is a whole record, otherwise cut off so the file stays valid
+    jsonl and that image is tagged again.
+    """
+    try:
+        data = output.read_bytes()
+    except FileNotFoundError:
+        return set()
+    end = data.rfind(b"\n") + 1
+    if data[end:].strip():
+        if _record_path(data[end:]) is not None:
+            with open(output, "ab") as handle:
+                handle.write(b"\n")
+            end = len(data)
+        else:
+            log.warning("%s: dropped its incomplete last line (left by an interrupted run); "
+                        "that image is tagged again", output)
+            os.truncate(output, end)
+    done = set()
+    for number, line in enumerate(data[:end].splitlines(), 1):
+        if not line.strip():
+            continue
+        path = _record_path(line)
+        if path is None:
+            raise UsageError(f"{output}: line {number} is not a record written by `visual-buffet-siglip tag "
+                             "--format jsonl`, so this run cannot resume from it; give another --output "
+                             "file or remove that line")
+        done.add(path_key(path))
+    return done
+
+
+def _record_path(line: bytes) -> str | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    path = record.get("path") if isinstance(record, dict) else None
+    return path if isinstance(path, str) else None
+
+
+def remaining_paths(paths: list[str], output: str | None, fmt: str) -> list[str]:
+    """`paths` minus those already in `output`, for `tag --resume`."""
+    if output is None or fmt != "jsonl":
+        raise UsageError("--resume needs --output FILE --format jsonl: it reads FILE back to skip the images "
+                         "already tagged and appends the others")
+    done = read_done(Path(output))
+    remaining = [path for path in paths if path_key(path) not in done]
+    if done:
+        log.info("resuming %s: %d of %d images already done, %d to go", output,
+                 len(paths) - len(remaining), len(paths), len(remaining))
+    return remaining
+
+
+# --- sidecars ---------------------------------------------------------------------------------
+
+def sidecar_path(image: str) -> Path:
+    """`<folder>/<stem>_tags.json`, where the Visual Buffet host keeps an image's tags."""
+    path = Path(image)
+    return path.with_name(path.stem + SIDECAR_SUFFIX)
+
+
+def write_atomic(target: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `target`, fsync it, then rename it over `target`."""
+    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666: the umask applies as usual
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+class SidecarSink(Sink):
+    """`<stem>_tags.json` beside each tagged image, in the host's layout, written atomically.
+
+    The host's document is {"file", "filename", "tagged_at", "results": {plugin:
+    result}}; other plugins' results in an existing sidecar are kept. A sidecar
+    newer than its image (this tool's earlier run, the host's, or a hand edit) is
+    left alone unless `overwrite`. Failed images get no sidecar: their error is in
+    the main output.
+    """
+
+    def __init__(self, overwrite: bool = False):
+        self.overwrite = overwrite
+        self.written = self.kept = self.failed = 0
+
+    def write(self, path: str, item: Any, record: dict[str, Any]) -> None:
+        if "error" in record:
+            return
+        target = sidecar_path(path)
+        try:
+            if not self.overwrite and _newer(target, Path(path)):
+                self.kept += 1
+                log.debug("%s: kept %s, which is newer than the image (--overwrite replaces it)", path, target)
+                return
+            document = {"file": path, "filename": Path(path).name,
+                        "tagged_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+                        "results": {**_other_results(target), PLUGIN_NAME: path_record(path, record)}}
+            write_atomic(target, json_text(document, indent=2) + "\n")
+            self.written += 1
+        except OSError as exc:
+            self.failed += 1
+            log.error("%s: cannot write its sidecar %s (%s); its tags are only in the main output",
+                      path, target, exc.strerror or exc)
+
+    def close(self) -> None:
+        log.info("sidecars: %d written, %d kept because they are newer than their image%s", self.written,
+                 self.kept, " (--overwrite replaces them)" if self.kept else "")
+        if self.failed:
+            log.error("%d sidecars could not be written; see the errors above", self.failed)
+
+
+def _newer(sidecar: Path, image: Path) -> bool:
+    try:
+        return sidecar.stat().st_mtime_ns >= image.stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
+
+
+def _other_results(sidecar: Path) -> dict[str, Any]:
+    """Other plugins' results in an existing sidecar (none when it is missing or not the host's layout)."""
+    try:
+        document = json.loads(sidecar.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return {}
+    results = document.get("results") if isinstance(document, dict) else None
+    return {k: v for k, v in results.items() if k != PLUGIN_NAME} if isinstance(results, dict) else {}

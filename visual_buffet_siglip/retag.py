@@ -1,0 +1,97 @@
+"""Re-tag and search an embedding store: the label side only, so no image file is opened and no vision pass runs.
+
+Both go through the tagger's own `embed_texts`, `score` and `record_scores`, the
+steps `tag` is built from, so their numbers equal a fresh run's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .cli import UsageError
+from .config import normalize_label, normalize_labels
+from .engine import ImageEmbedding, SiglipTagger
+from .store import Chunk, EmbeddingStore, check_compatible
+
+# Rows scored per call. Each call has a fixed cost (a parallel region that must get both cores on a
+# busy machine, ~20 ms measured under load), so calls should be few; memory is about rows x (d x 12 B
+# for the float32 rows and their float64 copy + labels x 12 B of scores).
+RETAG_ROWS = 4096
+SEARCH_ROWS = 16384
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: the image as it was named when tagged, and its sigmoid score for the query."""
+
+    path: str
+    score: float
+
+
+def retag(store: EmbeddingStore, tagger: SiglipTagger, *, labels: Sequence[str] | None = None,
+          threshold: float | None = None, max_tags: int | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(path, record) for every stored image, in store order, as `tag` would give them with these labels.
+
+    Images that failed when tagged stay error records. `inference_time_ms` is the
+    original run's, the cost of the vision pass the record stands for. The store
+    is checked against the tagger here, before the first record is asked for.
+    """
+    check_compatible(store, tagger)
+    label_list = list(normalize_labels(tagger.settings.label_set if labels is None else labels))
+    return _records(store, tagger, label_list, tagger.embed_texts(label_list), threshold, max_tags)
+
+
+def _records(store: EmbeddingStore, tagger: SiglipTagger, label_list: list[str], text: np.ndarray,
+             threshold: float | None, max_tags: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    for chunk in store.chunks(RETAG_ROWS):
+        scores = _scores(tagger, chunk, text)
+        for row, path in enumerate(chunk.paths):
+            item = ImageEmbedding(chunk.start + row, path, chunk.vectors[row], chunk.errors[row],
+                                  chunk.elapsed_ms[row])
+            yield path, tagger.record_scores(item, label_list, scores[row], threshold=threshold,
+                                             max_tags=max_tags)
+
+
+def search(store: EmbeddingStore, tagger: SiglipTagger, query: str, k: int = 20) -> list[Hit]:
+    """The `k` stored images scoring highest for `query` (prompted like a label), best first.
+
+    Streams the store chunk by chunk, keeping only the best `k` so far; ties go
+    to the image stored first. Images that failed when tagged are never hits.
+    """
+    if not normalize_label(query):
+        raise UsageError("the search query is empty; give some words, e.g. \"a dog on a beach\"")
+    check_compatible(store, tagger)
+    text = tagger.embed_texts([query])
+    best_scores = np.empty(0, dtype=np.float32)
+    best_rows = np.empty(0, dtype=np.int64)
+    best_paths: list[str] = []
+    for chunk in store.chunks(SEARCH_ROWS):
+        ok = np.flatnonzero(chunk.ok)
+        scores = _scores(tagger, chunk, text)[ok, 0]
+        rows = chunk.start + ok
+        pick = _top(scores, rows, k)
+        best_scores = np.concatenate([best_scores, scores[pick]])
+        best_rows = np.concatenate([best_rows, rows[pick]])
+        best_paths += [chunk.paths[ok[i]] for i in pick]
+        keep = _top(best_scores, best_rows, k)
+        best_scores, best_rows = best_scores[keep], best_rows[keep]
+        best_paths = [best_paths[i] for i in keep]
+    return [Hit(path, float(score)) for path, score in zip(best_paths, best_scores)]
+
+
+def _scores(tagger: SiglipTagger, chunk: Chunk, text: np.ndarray) -> np.ndarray:
+    """[rows, labels] confidences for a chunk, in one `score` call; NaN rows for images that failed."""
+    ok = chunk.ok
+    out = np.full((len(chunk.paths), text.shape[0]), np.nan, dtype=np.float32)
+    if ok.any():
+        out[ok] = tagger.score(chunk.vectors[ok], text)
+    return out
+
+
+def _top(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the `k` best: score descending, then row ascending."""
+    return np.lexsort((rows, -scores))[:k]

@@ -1,0 +1,339 @@
+"""The embedding store: image embeddings kept from a tagging run, so re-tagging and search need no vision pass.
+
+File layout (one file, append-only, so a run that is killed keeps what it wrote):
+
+    line 1      JSON header + "\\n": format marker, the model and its revision, the
+                settings that shape an image embedding (see `StoreIdentity`)
+    then        frames, each an 8-byte little-endian length and one safetensors
+                document: tensor "embeddings" [k, d] float32 (NaN rows for images
+                that failed) and metadata "paths", "errors", "elapsed_ms" (JSON)
+
+Each frame is a complete safetensors document parsed by the safetensors
+library; the length prefix only delimits them. Frames are written whole and
+fsynced, so an interrupted run leaves at most one torn frame at the end, which
+the reader detects by its length and skips with a warning. Readers stream one
+frame at a time: memory is bounded by the writer's chunk size, not the archive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+
+from .cli import Sink, UsageError
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .engine import ImageEmbedding, SiglipTagger
+
+log = logging.getLogger(__name__)
+
+FORMAT = "visual-buffet-siglip/embeddings"
+FORMAT_VERSION = 1
+_LENGTH = struct.Struct("<Q")
+_MAX_HEADER = 1 << 20
+
+
+class StoreError(UsageError):
+    """A store that cannot be used as asked: missing, not a store, already there, or from another model."""
+
+
+@dataclass(frozen=True)
+class StoreIdentity:
+    """What makes two image embeddings comparable: the weights and the settings that change an embedding.
+
+    `revision` is `LoadedModel.fingerprint` (the hub commit of a cached model, else
+    the weight files' sizes and mtimes). `max_num_patches` is None except for NaFlex.
+    """
+
+    model: str
+    revision: str
+    dim: int
+    decode: str
+    max_num_patches: int | None
+    dtype: str
+    quantization: str
+
+    @classmethod
+    def of(cls, tagger: SiglipTagger) -> StoreIdentity:
+        """The identity of embeddings `tagger` makes (loads its model)."""
+        loaded, settings = tagger.loaded, tagger.settings
+        return cls(model=settings.model, revision=loaded.fingerprint, dim=_embed_dim(loaded.model),
+                   decode=settings.decode,
+                   max_num_patches=settings.max_num_patches if loaded.info.family == "naflex" else None,
+                   dtype=loaded.plan.dtype, quantization=loaded.plan.quantization)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StoreIdentity:
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+# Flags that set each identity field, for messages that say how to match a store.
+_FLAGS = {"decode": "--decode", "max_num_patches": "--max-num-patches", "dtype": "--dtype",
+          "quantization": "--quantization"}
+
+
+@dataclass
+class Chunk:
+    """Consecutive rows of a store: `start` is the first row's position in the whole store."""
+
+    start: int
+    paths: list[str]
+    vectors: np.ndarray  # [k, d] float32, NaN rows where errors[i] is not None
+    errors: list[dict[str, str] | None]
+    elapsed_ms: list[float]
+
+    @property
+    def ok(self) -> np.ndarray:
+        """Boolean mask of the rows that hold an embedding."""
+        return np.array([error is None for error in self.errors], dtype=bool)
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+class EmbeddingWriter(Sink):
+    """Appends each image's embedding (or error) as `tag` produces it, a frame every chunk or interval.
+
+    A frame is written when `chunk_rows` rows are buffered or `flush_seconds`
+    have passed since the last one, so a killed run loses at most that much.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], identity: StoreIdentity, *, chunk_rows: int = 1024,
+                 flush_seconds: float = 30.0, handle: IO[bytes] | None = None):
+        self.path, self.identity = Path(path), identity
+        self.chunk_rows, self.flush_seconds = chunk_rows, flush_seconds
+        self._file = handle or _create(self.path)
+        header = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(identity)}
+        self._file.write(json.dumps(header, ensure_ascii=False).encode() + b"\n")
+        self._sync()
+        self._rows: list[tuple[str, np.ndarray | None, dict[str, str] | None, float]] = []
+        self._last_flush = time.monotonic()
+
+    @classmethod
+    def for_tagger(cls, path: str | os.PathLike[str], tagger: SiglipTagger, **options: Any) -> EmbeddingWriter:
+        """A new store at `path` for `tagger`'s embeddings; refuses an existing file before loading the model."""
+        handle = _create(Path(path))
+        try:
+            identity = StoreIdentity.of(tagger)
+        except BaseException:
+            handle.close()
+            os.unlink(path)
+            raise
+        return cls(path, identity, handle=handle, **options)
+
+    def write(self, path: str, item: ImageEmbedding, record: dict[str, Any] | None = None) -> None:
+        self._rows.append((path, item.vector, item.error, item.elapsed_ms))
+        if len(self._rows) >= self.chunk_rows or time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows as one frame and make it durable."""
+        from safetensors.numpy import save
+
+        if not self._rows:
+            return
+        vectors = np.full((len(self._rows), self.identity.dim), np.nan, dtype=np.float32)
+        for row, (_, vector, error, _) in enumerate(self._rows):
+            if error is None:
+                vectors[row] = vector
+        metadata = {"paths": json.dumps([r[0] for r in self._rows], ensure_ascii=False),
+                    "errors": json.dumps([r[2] for r in self._rows], ensure_ascii=False),
+                    "elapsed_ms": json.dumps([r[3] for r in self._rows])}
+        document = save({"embeddings": vectors}, metadata=metadata)
+        self._file.write(_LENGTH.pack(len(document)) + document)
+        self._sync()
+        self._rows.clear()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self.flush()
+            self._file.close()
+
+    def __enter__(self) -> EmbeddingWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+
+def _create(path: Path) -> IO[bytes]:
+    try:
+        return open(path, "xb")
+    except FileExistsError:
+        raise StoreError(f"embedding store {str(path)!r} already exists; a store is never overwritten: "
+                         "give a new file name, or delete the old store first") from None
+    except OSError as exc:
+        raise StoreError(f"cannot create embedding store {str(path)!r}: {exc.strerror or exc}; "
+                         "check that its folder exists and is writable") from None
+
+
+def _embed_dim(model: Any) -> int:
+    return int(model.config.vision_config.hidden_size)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+class EmbeddingStore:
+    """A store opened for reading; `chunks()` streams it frame by frame."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as handle:
+                line = handle.readline(_MAX_HEADER)
+                self._data_start = handle.tell()
+        except FileNotFoundError:
+            raise StoreError(f"embedding store {str(self.path)!r} does not exist; "
+                             "make one with `visual-buffet-siglip tag ... --save-embeddings FILE`") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read embedding store {str(self.path)!r}: {exc.strerror or exc}") from None
+        self.identity = self._parse_header(line)
+
+    def _parse_header(self, line: bytes) -> StoreIdentity:
+        not_store = (f"{str(self.path)!r} is not an embedding store written by visual-buffet-siglip "
+                     "(`tag ... --save-embeddings FILE` writes one)")
+        try:
+            header = json.loads(line)
+        except ValueError:
+            raise StoreError(not_store) from None
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise StoreError(not_store)
+        if header.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"embedding store {str(self.path)!r} has format version "
+                             f"{header.get('format_version')!r}; this visual-buffet-siglip reads version "
+                             f"{FORMAT_VERSION} (upgrade it, or tag the photos again)")
+        try:
+            return StoreIdentity.from_dict(header)
+        except KeyError as exc:
+            raise StoreError(f"embedding store {str(self.path)!r}: header lacks {exc.args[0]!r}") from None
+
+    def chunks(self, rows: int = 1) -> Iterator[Chunk]:
+        """The stored rows in order, whole frames joined into chunks of at least `rows` (the last may be short).
+
+        Joining keeps scoring calls few (each has a fixed cost) even for a store
+        written in small frames; memory stays about `rows` embeddings.
+        """
+        pending: list[Chunk] = []
+        for frame in self._frames():
+            pending.append(frame)
+            if sum(len(c.paths) for c in pending) >= rows:
+                yield _join(pending)
+                pending = []
+        if pending:
+            yield _join(pending)
+
+    def _frames(self) -> Iterator[Chunk]:
+        """One chunk per stored frame; a torn last frame is skipped with a warning."""
+        from safetensors.numpy import load
+
+        start = 0
+        with open(self.path, "rb") as handle:
+            end = os.fstat(handle.fileno()).st_size
+            handle.seek(self._data_start)
+            while handle.tell() < end:
+                document = _read_frame(handle, end)
+                if document is None:
+                    log.warning("embedding store %s ends with an incomplete chunk (the tagging run was "
+                                "interrupted); the %d rows before it are used", self.path, start)
+                    return
+                try:
+                    chunk = _chunk(start, load(document), _metadata(document), self.identity.dim)
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise StoreError(f"embedding store {str(self.path)!r} is damaged after row {start} "
+                                     f"({exc}); tag the photos again to rebuild it") from None
+                yield chunk
+                start += len(chunk.paths)
+
+
+def _join(chunks: list[Chunk]) -> Chunk:
+    if len(chunks) == 1:
+        return chunks[0]
+    return Chunk(chunks[0].start, [p for c in chunks for p in c.paths], np.concatenate([c.vectors for c in chunks]),
+                 [e for c in chunks for e in c.errors], [t for c in chunks for t in c.elapsed_ms])
+
+
+def _read_frame(handle: IO[bytes], end: int) -> bytes | None:
+    """The next frame's safetensors document, or None when the file ends inside the frame."""
+    prefix = handle.read(_LENGTH.size)
+    if len(prefix) < _LENGTH.size:
+        return None
+    size = _LENGTH.unpack(prefix)[0]
+    if size > end - handle.tell():  # checked first: a torn length must not size a huge read
+        return None
+    return handle.read(size)
+
+
+def _metadata(document: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors document (safetensors.numpy.load returns tensors only)."""
+    size = _LENGTH.unpack_from(document)[0]
+    return json.loads(document[_LENGTH.size:_LENGTH.size + size]).get("__metadata__") or {}
+
+
+def _chunk(start: int, tensors: dict[str, np.ndarray], metadata: dict[str, str], dim: int) -> Chunk:
+    vectors = tensors["embeddings"]
+    paths, errors = json.loads(metadata["paths"]), json.loads(metadata["errors"])
+    elapsed = json.loads(metadata["elapsed_ms"])
+    if vectors.dtype != np.float32 or vectors.shape != (len(paths), dim) or not (
+            len(paths) == len(errors) == len(elapsed)):
+        raise ValueError(f"a chunk of shape {vectors.shape} does not match its {len(paths)} paths "
+                         f"and width {dim}")
+    chunk = Chunk(start, paths, vectors, errors, elapsed)
+    # Stored embeddings are unit vectors: a cheap invariant that damaged bytes almost never satisfy.
+    good = vectors if all(e is None for e in errors) else vectors[chunk.ok]
+    with np.errstate(over="ignore", invalid="ignore"):  # garbage may overflow; it then fails the check
+        squares = np.einsum("ij,ij->i", good, good)
+    if not (np.abs(squares - 1.0) < 2e-3).all():
+        raise ValueError("it holds rows that are not unit-length embeddings")
+    return chunk
+
+
+# --- identity check --------------------------------------------------------------------------
+
+def check_compatible(store: EmbeddingStore, tagger: SiglipTagger) -> None:
+    """Raise StoreError unless `tagger` makes embeddings comparable to `store`'s (same weights, same settings).
+
+    The weights are compared first, before the configured model loads, so a
+    store from another model is reported as such even when that model is not
+    available here.
+    """
+    stored = store.identity
+    revision = _revision_of(tagger.settings)
+    # The store's own model missing here is not a mismatch: loading it below says how to get it.
+    if revision != stored.revision and (revision is not None or tagger.settings.model != stored.model):
+        here = f"revision {revision}" if revision else "not available here"
+        raise StoreError(
+            f"embedding store {str(store.path)!r} was made with model {stored.model!r} (revision "
+            f"{stored.revision}), but the configured model is {tagger.settings.model!r} ({here}); "
+            f"embeddings are only comparable within one model: pass --model {stored.model} (or the "
+            "--config you tagged with), or tag the photos again with --save-embeddings")
+    current = StoreIdentity.of(tagger)
+    problems = [f"{name} {getattr(stored, name)!r} (this run: {getattr(current, name)!r}; "
+                f"pass {_FLAGS[name]} {getattr(stored, name)})"
+                for name in _FLAGS if getattr(stored, name) != getattr(current, name)]
+    if problems:
+        raise StoreError(f"embedding store {str(store.path)!r} was made with " + ", ".join(problems)
+                         + "; these settings change the embeddings, so results would not equal a fresh run")
+
+
+def _revision_of(settings: Settings) -> str | None:
+    """The configured model's fingerprint without loading it; None when it is not available."""
+    from .models import ModelLoadError, fingerprint, resolve_source
+
+    try:
+        return fingerprint(resolve_source(settings.model))
+    except ModelLoadError:
+        return None
