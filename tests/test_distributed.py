@@ -17,9 +17,9 @@ import pytest
 from conftest import make_image, make_settings
 
 from visual_buffet_siglip import cli
-from visual_buffet_siglip.config import ConfigError
-from visual_buffet_siglip.distributed import (in_input_order, plan_actors, record_to_row, result_schema,
-                                              row_to_record, tag_dataset)
+from visual_buffet_siglip.config import ConfigError, Settings
+from visual_buffet_siglip.distributed import (actor_settings, in_input_order, plan_actors, record_to_row,
+                                              result_schema, row_to_record, tag_dataset)
 from visual_buffet_siglip.engine import SiglipTagger
 
 LOAD_MARKS = "VBS_TEST_MODEL_LOAD_MARKS"
@@ -130,7 +130,9 @@ def test_read_binary_files_rows_equal_local_and_errors_name_the_path(ray_instanc
 
 def test_cli_ray_writes_the_local_jsonl(ray_instance, checkpoints, folder, tmp_path, monkeypatch):
     monkeypatch.chdir(folder.parent)  # relative names, as a user types them
-    common = ["-q", "tag", folder.name, "--model", str(checkpoints["siglip"]), "--device", "cpu",
+    odd = tmp_path / os.fsdecode(b"caf\xe9 broken.png")  # a Latin-1 file name: not valid UTF-8
+    odd.write_bytes(b"GIF89a truncated")
+    common = ["-q", "tag", folder.name, str(odd), "--model", str(checkpoints["siglip"]), "--device", "cpu",
               "--dtype", "float32", "--threshold", "0.2", "--format", "jsonl"]
     assert cli.main(common + ["-o", str(tmp_path / "local.jsonl")]) == 1  # 1: the corrupt file failed
     assert cli.main(common + ["--ray", "--actors", "2", "-o", str(tmp_path / "ray.jsonl")]) == 1
@@ -140,6 +142,7 @@ def test_cli_ray_writes_the_local_jsonl(ray_instance, checkpoints, folder, tmp_p
     assert [r["path"] for r in ours] == [r["path"] for r in local]
     assert ours[0]["path"] == f"{folder.name}/corrupt.png"
     assert ours[0]["error"]["message"].startswith(f"{folder.name}/corrupt.png: ")  # named as the user did
+    assert ours[-1]["path"] == str(odd) and ours[-1]["error"]["message"].startswith(str(odd) + ": ")
     assert_same_records(ours, local)
 
 
@@ -182,6 +185,9 @@ def test_rows_round_trip_to_exact_output_records():
     bad = {"tags": [], "error": {"type": "ImageDecodeError", "message": "x.png: cannot decode"}}
     table = pa.Table.from_pylist([record_to_row("a.png", ok), record_to_row("x.png", bad)], schema=result_schema())
     assert [row_to_record(row) for row in table.to_pylist()] == [ok, bad]
+    name = os.fsdecode(b"caf\xe9.png")  # not valid UTF-8: a lone surrogate in Python
+    odd = record_to_row(name, {"tags": [], "error": {"type": "T", "message": name + ": x"}})
+    assert (odd["path"], odd["error_message"]) == ("caf\\xe9.png", "caf\\xe9.png: x")  # valid UTF-8 for Arrow
 
 
 def test_rows_come_back_in_input_order():
@@ -209,3 +215,15 @@ def test_actor_plan_for_cpus_gpus_and_explicit_values():
         plan_actors([{"CPU": 8.0}], "cuda")
     with pytest.raises(ConfigError, match="actors = 0"):
         plan_actors([{"CPU": 8.0}], "auto", actors=0)
+
+
+def test_actor_settings_need_no_local_file_and_no_gpu_index(checkpoints, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("# ours\nDog\nred  car\n")
+    settings = Settings.from_mapping({"model": str(checkpoints["siglip"]), "labels_file": str(labels),
+                                      "device": "cuda:1"})
+    mapping = actor_settings(settings)
+    assert "labels_file" not in mapping and mapping["labels"] == ["dog", "red car"]
+    assert mapping["device"] == "cuda"  # Ray makes the actor's own GPU the only visible one
+    labels.unlink()  # an actor on another node has no such file
+    assert Settings.from_mapping(mapping).label_set == settings.label_set

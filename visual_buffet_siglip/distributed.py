@@ -73,10 +73,16 @@ def result_schema(embeddings: bool = False) -> pa.Schema:
 def record_to_row(path: str, record: Mapping[str, Any], vector: Any = None) -> dict[str, Any]:
     """One output-contract record (plus its path) as a flat row of `result_schema`."""
     error = record.get("error") or {}
-    return {"path": path, "tags": list(record["tags"]), "model": record.get("model"),
+    message = error.get("message")
+    return {"path": arrow_text(path), "tags": list(record["tags"]), "model": record.get("model"),
             "version": record.get("version"), "inference_time_ms": record.get("inference_time_ms"),
-            "error_type": error.get("type"), "error_message": error.get("message"),
+            "error_type": error.get("type"), "error_message": None if message is None else arrow_text(message),
             "embedding": None if vector is None else vector.tolist()}
+
+
+def arrow_text(text: str) -> str:
+    """`text` as valid UTF-8 for Arrow: bytes of a file name that is not UTF-8 (old archives) become \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def row_to_record(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -133,16 +139,16 @@ class ParquetSink(Sink):
 class TagBatches:
     """Ray Data callable class: one tagger per actor, built once, then batches of rows to result rows.
 
-    Input columns: `path` (str), optionally `bytes` (the file's content, read
-    by Ray); other columns pass through. Output: `result_schema` + pass-through.
+    Input columns: `path` (str, or binary for any file name), optionally
+    `bytes` (the file's content, read by Ray); other columns pass through.
+    Output: `result_schema` + pass-through.
     """
 
     def __init__(self, settings: Mapping[str, Any], embeddings: bool = False):
         from .engine import SiglipTagger
 
         self.tagger = SiglipTagger(Settings.from_mapping(settings))
-        self.labels = self.tagger.settings.label_set
-        self.tagger.embed_texts(self.labels)  # loads the model and encodes (or reads) the labels once
+        self.tagger.embed_texts(self.tagger.settings.label_set)  # loads the model, encodes (or reads) the labels
         self.embeddings = embeddings
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -152,7 +158,7 @@ class TagBatches:
             raise ValueError(f"tag_dataset needs a 'path' column (got {batch.column_names}); build the dataset "
                              "with ray.data.from_items([{'path': p} ...]) or "
                              "ray.data.read_binary_files(..., include_paths=True)")
-        paths = batch.column("path").to_pylist()
+        paths = [os.fsdecode(p) for p in batch.column("path").to_pylist()]  # binary paths: any file name
         blobs = batch.column("bytes").to_pylist() if "bytes" in batch.column_names else [None] * len(paths)
         sources = [path if blob is None else blob for path, blob in zip(paths, blobs)]
         rows = []
@@ -221,7 +227,7 @@ def plan_actors(nodes: Sequence[Mapping[str, float]], device: str, *, actors: in
         else:
             num_cpus = min(spare / actors, biggest)
             reasons["num_cpus"] = (f"{cpus:g} CPUs, one kept free for Ray's read tasks, shared by "
-                                   f"{actors} actor(s); torch runs max(1, floor({num_cpus:g})) threads each")
+                                   f"{actors} actor(s); torch runs {max(1, int(num_cpus))} thread(s) each")
     if actors is None:
         actors = max(1, int(spare // num_cpus)) if num_cpus else 1
         reasons["actors"] = f"{spare:g} usable CPUs / {num_cpus:g} per actor"
@@ -232,10 +238,15 @@ def plan_actors(nodes: Sequence[Mapping[str, float]], device: str, *, actors: in
 
 
 def actor_settings(settings: Settings) -> dict[str, Any]:
-    """Settings as a plain mapping an actor on any node can rebuild: the labels travel, not the labels file."""
+    """Settings as a plain mapping an actor on any node can rebuild: the labels travel, not the labels file.
+
+    A `cuda:N` device becomes `cuda`: Ray gives each actor its own GPU(s) as the only visible ones.
+    """
     mapping = settings.to_mapping()
     mapping.pop("labels_file", None)
     mapping["labels"] = list(settings.label_set)
+    if mapping["device"].startswith("cuda:"):
+        mapping["device"] = "cuda"
     return mapping
 
 
@@ -314,7 +325,7 @@ class RayTagger:
 
         settings = self._with(labels=labels, confidence_threshold=threshold, max_tags=max_tags)
         self._connect()
-        dataset = self._ray.data.from_items([{"index": i, "path": os.path.abspath(p)}
+        dataset = self._ray.data.from_items([{"index": i, "path": os.fsencode(os.path.abspath(p))}
                                              for i, p in enumerate(images)])
         results = tag_dataset(dataset, settings, actors=self.actors, embeddings=True)
         try:
