@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import replace
 
@@ -12,6 +13,8 @@ from conftest import LABELS, make_settings
 from hypothesis import given
 from hypothesis import strategies as st
 
+from visual_buffet_siglip import engine
+from visual_buffet_siglip import retag as retag_module
 from visual_buffet_siglip.cli import Sink, UsageError, main, run_tagging
 from visual_buffet_siglip.config import normalize_labels
 from visual_buffet_siglip.engine import SiglipTagger, select_tags
@@ -40,10 +43,10 @@ class Collect(Sink):
         self.records.append(record)
 
 
-def tag_into_store(tagger: SiglipTagger, paths: list[str], store_path, labels=OLD) -> list[dict]:
+def tag_into_store(tagger: SiglipTagger, paths: list[str], store_path, labels=OLD, chunk_rows=2) -> list[dict]:
     """What `tag --save-embeddings` does (the writer is one more sink of the run); that run's records."""
     collect = Collect()
-    run_tagging(tagger, paths, [EmbeddingWriter.for_tagger(store_path, tagger, chunk_rows=2), collect],
+    run_tagging(tagger, paths, [EmbeddingWriter.for_tagger(store_path, tagger, chunk_rows=chunk_rows), collect],
                 quiet=True, labels=labels)
     return collect.records
 
@@ -51,7 +54,7 @@ def tag_into_store(tagger: SiglipTagger, paths: list[str], store_path, labels=OL
 def forbid_images(monkeypatch, tagger: SiglipTagger, paths: list[str]) -> None:
     """Delete the photos and make any vision pass fail loudly."""
     for path in paths:
-        shutil.os.unlink(path)
+        os.unlink(path)
 
     def no_vision(*args, **kwargs):
         raise AssertionError("re-tagging ran the vision tower")
@@ -63,7 +66,7 @@ def forbid_images(monkeypatch, tagger: SiglipTagger, paths: list[str]) -> None:
 
 def assert_same_records(got: list[dict], expected: list[dict], *, timed: bool = True) -> None:
     """Equal records, confidences within 1e-6; `timed=False` for a fresh run, whose timings differ."""
-    skip = {"tags"} if timed else {"tags", "inference_time_ms", "path"}
+    skip = {"tags"} if timed else {"tags", "inference_time_ms"}
     assert len(got) == len(expected)
     for ours, fresh in zip(got, expected):
         assert ours.keys() == fresh.keys()
@@ -87,6 +90,8 @@ def test_retag_with_new_labels_equals_a_fresh_run_without_the_photos(checkpoint,
     assert len(fresh[0]["tags"]) == len(normalize_labels(NEW))  # threshold 0: every label compared
     # the same labels give back the original records, timings of the vision pass included
     assert_same_records([record for _, record in retag(store, tagger, labels=OLD)], original)
+    monkeypatch.setattr(retag_module, "RETAG_ROWS", 1)  # one scoring call per stored frame instead
+    assert_same_records([record for _, record in retag(store, tagger, labels=NEW)], [record for _, record in got])
 
 
 def test_retag_applies_threshold_and_max_tags_like_tag(checkpoints, photos, tmp_path):
@@ -101,7 +106,7 @@ def test_retag_applies_threshold_and_max_tags_like_tag(checkpoints, photos, tmp_
 
 def test_search_ranks_like_scoring_every_image(checkpoints, photos, tmp_path, monkeypatch):
     tagger = SiglipTagger(make_settings(checkpoints["siglip"]))
-    tag_into_store(tagger, photos, tmp_path / "s.emb")
+    tag_into_store(tagger, photos, tmp_path / "s.emb", chunk_rows=1)  # the best-so-far merges across frames
     good = [p for i, p in enumerate(photos) if i != 2]
     brute = tagger.score(tagger.embed_images(good), tagger.embed_texts(["a red car"]))[:, 0]
     order = sorted(range(len(good)), key=lambda i: -brute[i])
@@ -201,6 +206,20 @@ def test_embed_images_marks_a_failed_image_with_a_nan_row(checkpoints, photos):
     assert np.isnan(tagger.score(vectors, tagger.embed_texts(["dog"]))[2]).all()
 
 
+def test_narrow_label_sets_score_like_wide_ones(checkpoints):
+    # a search scores 1 label (numpy einsum path), tagging many (float64 BLAS path): same numbers
+    tagger = SiglipTagger(make_settings(checkpoints["siglip"]))
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((300, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    text = tagger.embed_texts(LABELS)
+    wide = tagger.score(vectors, text)
+    for k in (1, engine.NARROW_SCORING, engine.NARROW_SCORING + 1):
+        narrow = tagger.score(vectors, text[:k])
+        assert narrow.dtype == np.float32 and np.abs(narrow - wide[:, :k]).max() <= 1e-7
+    assert wide.std() > 1e-2  # the scores really vary
+
+
 @given(st.lists(st.sampled_from([0.0, 0.01, 0.25, 0.5, 0.75, 1.0]), min_size=0, max_size=12),
        st.sampled_from([0.0, 0.01, 0.5, 1.0]), st.integers(1, 5))
 def test_select_tags_filters_sorts_and_caps(values, threshold, max_tags):
@@ -210,3 +229,28 @@ def test_select_tags_filters_sorts_and_caps(values, threshold, max_tags):
                       key=lambda pair: (-pair[0], pair[1]))[:max_tags]
     assert select_tags(labels, scores, threshold, max_tags) == [{"label": label, "confidence": conf}
                                                                  for conf, label in expected]
+
+
+def test_resumed_tag_run_completes_the_store(checkpoints, photos, tmp_path, capsys):
+    ckpt = ["--model", str(checkpoints["siglip"]), "--device", "cpu", "--dtype", "float32"]
+    output, store = tmp_path / "tags.jsonl", tmp_path / "s.emb"
+    assert main(["-q", "tag", *photos, "--format", "jsonl", "-o", str(output), *ckpt]) == 1
+    lines = output.read_text(encoding="utf-8").splitlines(keepends=True)
+    # a kill: the output has images 0-2 (2 is the broken one), the store only 0-1 and a torn frame
+    output.write_text("".join(lines[:3]), encoding="utf-8")
+    tag_into_store(SiglipTagger(make_settings(checkpoints["siglip"])), photos, store)
+    frames = [end for _, end in EmbeddingStore(store).frames()]
+    with open(store, "r+b") as handle:
+        handle.truncate(frames[1] - 5)
+
+    assert main(["-q", "tag", *photos, "--format", "jsonl", "-o", str(output), "--resume",
+                 "--save-embeddings", str(store), *ckpt]) == 0  # images 3-4, both fine
+    tagger = SiglipTagger(make_settings(checkpoints["siglip"]))
+    got = list(retag(EmbeddingStore(store), tagger))
+    # image 2 was embedded first (the output had it, the store did not), then the rest: each once
+    assert [path for path, _ in got] == photos
+    assert_same_records([record for _, record in got], tagger.tag(photos), timed=False)
+    other = ["--model", str(checkpoints["naflex"]), "--device", "cpu"]
+    assert main(["-q", "tag", *photos, "--format", "jsonl", "-o", str(tmp_path / "x.jsonl"), "--resume",
+                 "--save-embeddings", str(store), *other]) == 2
+    assert "was made with model" in capsys.readouterr().err

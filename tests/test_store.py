@@ -60,6 +60,17 @@ def test_round_trip_is_exact_in_order_across_chunks(tmp_path, chunk_rows):
     assert len(list(store.chunks())) == -(-5 // chunk_rows)
 
 
+def test_small_frames_are_joined_into_chunks_of_at_least_rows(tmp_path):
+    rows = items(5)
+    write_store(tmp_path / "s.emb", rows, chunk_rows=2)
+    chunks = list(EmbeddingStore(tmp_path / "s.emb").chunks(rows=3))
+    assert [(c.start, len(c.paths)) for c in chunks] == [(0, 4), (4, 1)]
+    assert [p for c in chunks for p in c.paths] == [item.source for item in rows]
+    joined = np.concatenate([c.vectors for c in chunks])
+    assert np.array_equal(joined, np.stack([r[2] for r in read_rows(tmp_path / "s.emb")]), equal_nan=True)
+    assert [c.ok.tolist() for c in chunks] == [[True, True, False, True], [True]]
+
+
 def test_header_is_one_json_line_naming_the_model(tmp_path):
     write_store(tmp_path / "s.emb", items(3))
     with open(tmp_path / "s.emb", "rb") as handle:

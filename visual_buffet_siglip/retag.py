@@ -17,11 +17,12 @@ from .config import normalize_label, normalize_labels
 from .engine import ImageEmbedding, SiglipTagger
 from .store import Chunk, EmbeddingStore, check_compatible
 
-# Rows scored per call. Each call has a fixed cost (a parallel region that must get both cores on a
-# busy machine, ~20 ms measured under load), so calls should be few; memory is about rows x (d x 12 B
-# for the float32 rows and their float64 copy + labels x 12 B of scores).
-RETAG_ROWS = 4096
-SEARCH_ROWS = 16384
+# Rows re-tagged per scoring call. Each float64 matrix product has a fixed cost (a parallel region
+# that must get every core: ~20 ms measured on a busy machine), so small frames (a slow run writes
+# one every 30 s) are joined; the writer's frame size keeps the scores small: ~100 MB peak for 1,126
+# labels, against ~400 MB at 4,096 rows, for the same speed. A search scores one label, which
+# `score` does without the thread pool, so it takes the frames as they are.
+RETAG_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,12 @@ def retag(store: EmbeddingStore, tagger: SiglipTagger, *, labels: Sequence[str] 
 def _records(store: EmbeddingStore, tagger: SiglipTagger, label_list: list[str], text: np.ndarray,
              threshold: float | None, max_tags: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
     for chunk in store.chunks(RETAG_ROWS):
-        scores = _scores(tagger, chunk, text)
+        scores = iter(_scores(tagger, chunk, text))
         for row, path in enumerate(chunk.paths):
-            item = ImageEmbedding(chunk.start + row, path, chunk.vectors[row], chunk.errors[row],
-                                  chunk.elapsed_ms[row])
-            yield path, tagger.record_scores(item, label_list, scores[row], threshold=threshold,
-                                             max_tags=max_tags)
+            error = chunk.errors[row]
+            item = ImageEmbedding(chunk.start + row, path, chunk.vectors[row], error, chunk.elapsed_ms[row])
+            yield path, tagger.record_scores(item, label_list, None if error else next(scores),
+                                             threshold=threshold, max_tags=max_tags)
 
 
 def search(store: EmbeddingStore, tagger: SiglipTagger, query: str, k: int = 20) -> list[Hit]:
@@ -69,9 +70,9 @@ def search(store: EmbeddingStore, tagger: SiglipTagger, query: str, k: int = 20)
     best_scores = np.empty(0, dtype=np.float32)
     best_rows = np.empty(0, dtype=np.int64)
     best_paths: list[str] = []
-    for chunk in store.chunks(SEARCH_ROWS):
+    for chunk in store.chunks():
         ok = np.flatnonzero(chunk.ok)
-        scores = _scores(tagger, chunk, text)[ok, 0]
+        scores = _scores(tagger, chunk, text)[:, 0]
         rows = chunk.start + ok
         pick = _top(scores, rows, k)
         best_scores = np.concatenate([best_scores, scores[pick]])
@@ -84,12 +85,9 @@ def search(store: EmbeddingStore, tagger: SiglipTagger, query: str, k: int = 20)
 
 
 def _scores(tagger: SiglipTagger, chunk: Chunk, text: np.ndarray) -> np.ndarray:
-    """[rows, labels] confidences for a chunk, in one `score` call; NaN rows for images that failed."""
+    """[images, labels] confidences of the chunk's images that have an embedding, in one `score` call."""
     ok = chunk.ok
-    out = np.full((len(chunk.paths), text.shape[0]), np.nan, dtype=np.float32)
-    if ok.any():
-        out[ok] = tagger.score(chunk.vectors[ok], text)
-    return out
+    return tagger.score(chunk.vectors if ok.all() else chunk.vectors[ok], text)
 
 
 def _top(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:

@@ -11,8 +11,10 @@ File layout (one file, append-only, so a run that is killed keeps what it wrote)
 Each frame is a complete safetensors document parsed by the safetensors
 library; the length prefix only delimits them. Frames are written whole and
 fsynced, so an interrupted run leaves at most one torn frame at the end, which
-the reader detects by its length and skips with a warning. Readers stream one
-frame at a time: memory is bounded by the writer's chunk size, not the archive.
+the reader detects by its length and skips with a warning (a resumed run cuts
+it off and appends). A frame that parses but fails its checks (shapes, unit
+rows) is an error, never scores. Readers stream frames, joined into chunks of a
+size the caller picks: memory follows the chunk, not the archive.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -108,13 +110,15 @@ class EmbeddingWriter(Sink):
     """
 
     def __init__(self, path: str | os.PathLike[str], identity: StoreIdentity, *, chunk_rows: int = 1024,
-                 flush_seconds: float = 30.0, handle: IO[bytes] | None = None):
+                 flush_seconds: float = 30.0, handle: IO[bytes] | None = None, append: bool = False):
+        """`append`: `handle` is positioned after the last frame of an existing store; no header is written."""
         self.path, self.identity = Path(path), identity
         self.chunk_rows, self.flush_seconds = chunk_rows, flush_seconds
         self._file = handle or _create(self.path)
-        header = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(identity)}
-        self._file.write(json.dumps(header, ensure_ascii=False).encode() + b"\n")
-        self._sync()
+        if not append:
+            header = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(identity)}
+            self._file.write(json.dumps(header, ensure_ascii=False).encode() + b"\n")
+            self._sync()
         self._rows: list[tuple[str, np.ndarray | None, dict[str, str] | None, float]] = []
         self._last_flush = time.monotonic()
 
@@ -170,6 +174,36 @@ class EmbeddingWriter(Sink):
         os.fsync(self._file.fileno())
 
 
+def writer_for_tag(path: str | os.PathLike[str], tagger: SiglipTagger, *, requested: Sequence[str] | None = None,
+                   todo: Sequence[str] = ()) -> EmbeddingWriter:
+    """The store sink of a `tag` run; a resumed run (`requested`: every image asked for) continues the store.
+
+    Continuing checks the store was made with this model and settings, cuts off
+    a torn last frame, and first embeds the images that the run's output already
+    lists (so they are not in `todo`) but the store lacks: rows still buffered
+    when the run was killed. The store then holds every image once.
+    """
+    if requested is None or not Path(path).exists():
+        return EmbeddingWriter.for_tagger(path, tagger)
+    store = EmbeddingStore(path)
+    check_compatible(store, tagger)
+    stored: set[str] = set()
+    end = store.data_start
+    for chunk, end in store.frames():
+        stored.update(os.path.abspath(name) for name in chunk.paths)
+    handle = open(store.path, "r+b")
+    handle.truncate(end)
+    handle.seek(end)
+    writer = EmbeddingWriter(store.path, store.identity, handle=handle, append=True)
+    pending = set(todo)
+    missing = [name for name in requested if name not in pending and os.path.abspath(name) not in stored]
+    if missing:
+        log.info("embedding %d images that %s lacks (tagged just before the interruption)", len(missing), path)
+        for item in tagger.iter_image_embeddings(missing):
+            writer.write(missing[item.index], item)
+    return writer
+
+
 def _create(path: Path) -> IO[bytes]:
     try:
         return open(path, "xb")
@@ -195,7 +229,7 @@ class EmbeddingStore:
         try:
             with open(self.path, "rb") as handle:
                 line = handle.readline(_MAX_HEADER)
-                self._data_start = handle.tell()
+                self.data_start = handle.tell()
         except FileNotFoundError:
             raise StoreError(f"embedding store {str(self.path)!r} does not exist; "
                              "make one with `visual-buffet-siglip tag ... --save-embeddings FILE`") from None
@@ -228,7 +262,7 @@ class EmbeddingStore:
         written in small frames; memory stays about `rows` embeddings.
         """
         pending: list[Chunk] = []
-        for frame in self._frames():
+        for frame, _ in self.frames():
             pending.append(frame)
             if sum(len(c.paths) for c in pending) >= rows:
                 yield _join(pending)
@@ -236,14 +270,14 @@ class EmbeddingStore:
         if pending:
             yield _join(pending)
 
-    def _frames(self) -> Iterator[Chunk]:
-        """One chunk per stored frame; a torn last frame is skipped with a warning."""
+    def frames(self) -> Iterator[tuple[Chunk, int]]:
+        """(chunk, file offset after it) per stored frame; a torn last frame is skipped with a warning."""
         from safetensors.numpy import load
 
         start = 0
         with open(self.path, "rb") as handle:
             end = os.fstat(handle.fileno()).st_size
-            handle.seek(self._data_start)
+            handle.seek(self.data_start)
             while handle.tell() < end:
                 document = _read_frame(handle, end)
                 if document is None:
@@ -255,7 +289,7 @@ class EmbeddingStore:
                 except (ValueError, KeyError, TypeError) as exc:
                     raise StoreError(f"embedding store {str(self.path)!r} is damaged after row {start} "
                                      f"({exc}); tag the photos again to rebuild it") from None
-                yield chunk
+                yield chunk, handle.tell()
                 start += len(chunk.paths)
 
 
