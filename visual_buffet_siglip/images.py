@@ -50,42 +50,42 @@ _large_decode = threading.Lock()
 
 
 class ImageError(Exception):
-    """An image that cannot be tagged. `kind` is the error type reported in results."""
+    """An image that cannot be tagged. `kind` (the class name) is the error type reported in results."""
 
-    kind = "ImageError"
+    @property
+    def kind(self) -> str:
+        return type(self).__name__
 
     def to_dict(self) -> dict[str, str]:
         return {"type": self.kind, "message": str(self)}
 
 
 class ImageNotFoundError(ImageError):
-    kind = "ImageNotFoundError"
+    """The path does not exist (or vanished mid-run)."""
 
 
 class ImagePermissionError(ImageError):
-    kind = "ImagePermissionError"
+    """The file exists but cannot be read."""
 
 
 class NotAFileError(ImageError):
-    kind = "NotAFileError"
+    """A directory, pipe or device where an image file was expected."""
 
 
 class ImageDecodeError(ImageError):
-    kind = "ImageDecodeError"
+    """Not an image, or a damaged one."""
 
 
 class EmptyFileError(ImageDecodeError):
     """A zero-byte file: usually an interrupted copy or sync."""
 
-    kind = "EmptyFileError"
-
 
 class ImageTooLargeError(ImageError):
-    kind = "ImageTooLargeError"
+    """Over the pixel limit, or a likely decompression bomb."""
 
 
 class UnsupportedFormatError(ImageError):
-    kind = "UnsupportedFormatError"
+    """A format that needs an optional extra (HEIC/HEIF without pillow-heif)."""
 
 
 def describe(source: ImageSource) -> str:
