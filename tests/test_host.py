@@ -289,8 +289,9 @@ def test_host_names_map_to_our_settings(tmp_path, caplog):
     assert plugin.settings.label_set == builtin_vocabulary()
 
     with caplog.at_level(logging.WARNING):
-        plugin.configure(limt=5, quality="high")
-    assert "'limt'" in caplog.text and "did you mean 'limit'" in caplog.text and "'quality'" in caplog.text
+        plugin.configure(limt=5, quality="high", use_gpu="auto")  # the host's own keys must not fail
+    assert "'limt'" in caplog.text and "did you mean 'limit'" in caplog.text
+    assert "'quality'" in caplog.text and "'use_gpu'" in caplog.text
     with pytest.raises(ConfigError, match=r"configure\(\): max_tags = 0"):
         plugin.configure(limit=0)
     with pytest.raises(ConfigError, match="discovery_mode = 'yes'"):

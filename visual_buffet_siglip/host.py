@@ -86,12 +86,13 @@ def translate(values: Mapping[str, Any], source: str) -> tuple[dict[str, Any], d
     Host names map to ours (`threshold`, `limit`, `model_variant`, `custom_vocabulary`).
     When a mapping holds both a host name and ours (the manifest's defaults list both),
     a value equal to our default yields to its twin; otherwise the host's name wins.
-    Unknown keys are logged and ignored: the host passes settings of its own.
+    `discovery_mode` and boolean `use_<plugin>` keys are discovery switches. Unknown keys are
+    logged and ignored: the host passes settings of its own.
     """
     changes = {key: value for key, value in values.items() if key in KEYS}
     switches: dict[str, bool] = {}
     for key, value in values.items():
-        if key == DISCOVERY_MODE or key.startswith("use_"):
+        if key == DISCOVERY_MODE or (key.startswith("use_") and isinstance(value, bool)):
             if not isinstance(value, bool):
                 raise ConfigError(f"{source}: {key} = {value!r}: expected true or false")
             switches[key] = value
