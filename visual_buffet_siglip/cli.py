@@ -193,7 +193,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
     if args.resume:
         from .outputs import remaining_paths
 
-        paths = remaining_paths(paths, args.output, args.format)
+        requested, paths = paths, remaining_paths(paths, args.output, args.format)
         if not paths:
             log.info("nothing to do: every image is already in %s", args.output)
             return 0
@@ -215,9 +215,10 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
             sinks.append(SidecarSink(overwrite=args.overwrite))
         if args.save_embeddings:
-            from .store import EmbeddingWriter
+            from .store import writer_for_tag
 
-            sinks.append(EmbeddingWriter.for_tagger(args.save_embeddings, tagger))
+            sinks.append(writer_for_tag(args.save_embeddings, tagger, todo=paths,
+                                        requested=requested if args.resume else None))
         if args.report:
             from .report import ReportSink
 
