@@ -19,16 +19,12 @@ from typing import IO, Any
 
 from . import __version__
 from .config import ConfigError, Settings, load_settings
+from .images import IMAGE_SUFFIXES
+from .outputs import Sink, StreamSink, UsageError
+
+__all__ = ["main", "build_parser", "expand_paths", "run_tagging", "settings_from_args", "Sink", "UsageError"]
 
 log = logging.getLogger("visual_buffet_siglip")
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
-                            ".heic", ".heif", ".avif", ".hif"})
-
-
-class UsageError(Exception):
-    """A command-line mistake; exit code 2."""
-
 
 # --- inputs ---------------------------------------------------------------------------------
 
@@ -102,80 +98,9 @@ def _batch_size(text: str) -> int | str:
 
 # --- output ---------------------------------------------------------------------------------
 
-def path_record(path: str, record: dict[str, Any]) -> dict[str, Any]:
-    """A result record carrying the image path first, as the CLI writes them."""
-    return {"path": path, **record}
-
-
-def json_text(value: Any, **options: Any) -> str:
-    """JSON with non-ASCII kept readable, except when a file name is not valid UTF-8.
-
-    Such names (old archives) reach Python as lone surrogates, which a UTF-8
-    stream refuses; escaped as \\udcXX they stay valid JSON and round-trip.
-    """
-    text = json.dumps(value, ensure_ascii=False, **options)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(value, **options)
-    return text
-
-
-def format_table(record: dict[str, Any]) -> str:
-    """A human-readable block for one image."""
-    lines = [record["path"]]
-    if "error" in record:
-        lines.append(f"  ERROR {record['error']['type']}: {record['error']['message']}")
-    elif not record["tags"]:
-        lines.append("  (no tag above the threshold)")
-    for tag in record["tags"]:
-        bar = "#" * max(1, round(tag["confidence"] * 40))
-        lines.append(f"  {tag['confidence']:8.4f}  {tag['label']:<32} {bar}")
-    return "\n".join(lines)
-
-
 def open_output(stack: contextlib.ExitStack, path: str | None, append: bool = False) -> IO[str]:
     """`path` opened for writing or appending (closed with `stack`), or stdout when no path is given."""
     return stack.enter_context(open(path, "a" if append else "w", encoding="utf-8")) if path else sys.stdout
-
-
-class Sink:
-    """Receives each image's outcome as soon as it is known; `close` runs once at the end.
-
-    `tag` feeds every sink the user asked for (the output stream, sidecars,
-    an embedding store, a report), so each output is one small class.
-    """
-
-    def write(self, path: str, item: Any, record: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Finish the output (flush, write a trailer); called even after an interruption."""
-
-
-class StreamSink(Sink):
-    """Records to a stream: jsonl and table flushed per image, json as one array at the end."""
-
-    def __init__(self, stream: IO[str], fmt: str):
-        self.stream, self.fmt = stream, fmt
-        self.records: list[dict[str, Any]] = []
-
-    def write(self, path: str, item: Any, record: dict[str, Any]) -> None:
-        record = path_record(path, record)
-        if self.fmt == "jsonl":
-            self.stream.write(json_text(record) + "\n")
-            self.stream.flush()
-        elif self.fmt == "table":  # a name that is not valid UTF-8 shows as \xNN rather than crashing
-            self.stream.write(format_table(record).encode("utf-8", "surrogateescape")
-                              .decode("utf-8", "backslashreplace") + "\n")
-            self.stream.flush()
-        else:
-            self.records.append(record)
-
-    def close(self) -> None:
-        if self.fmt == "json":
-            self.stream.write(json_text(self.records, indent=2) + "\n")
-        self.stream.flush()
 
 
 # --- commands -------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .cli import Sink, UsageError
+from .outputs import Sink, UsageError
 from .config import ConfigError, Settings
 from .images import describe
 

@@ -44,6 +44,9 @@ MAX_PIXELS_ENV = "VISUAL_BUFFET_SIGLIP_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 250_000_000
 LARGE_PIXELS = 89_478_485  # PIL's default MAX_IMAGE_PIXELS
 MAX_PIXELS_PER_BYTE = 1000  # real photos carry ~0.05-0.5 pixels per byte; flat graphics ~100
+# What a folder scan treats as images (named files are always tried, whatever their suffix).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
+                            ".heic", ".heif", ".avif", ".hif"})
 HEIF_EXTRA = "pip install 'visual-buffet-siglip[heif]'"
 
 _large_decode = threading.Lock()

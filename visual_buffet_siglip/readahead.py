@@ -26,7 +26,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cli import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIXES
 
 if TYPE_CHECKING:
     from .engine import ImageEmbedding, SiglipTagger

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .cli import UsageError
+from .outputs import UsageError
 from .config import normalize_label, normalize_labels
 from .engine import ImageEmbedding, SiglipTagger
 from .store import Chunk, EmbeddingStore, check_compatible

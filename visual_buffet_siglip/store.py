@@ -31,7 +31,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cli import Sink, UsageError
+from .outputs import Sink, UsageError
 
 if TYPE_CHECKING:
     from .config import Settings
