@@ -43,6 +43,7 @@ class ImageReadAhead:
         self._owner: weakref.ref[SiglipTagger] | None = None
         self._folder: str | None = None
         self._streak = 0
+        self._listing: tuple[str, int, list[str]] | None = None  # a 100,000-file folder is listed once
         self._lock = threading.Lock()
 
     def embedding(self, tagger: SiglipTagger, path: str | os.PathLike[str]) -> ImageEmbedding:
@@ -72,11 +73,7 @@ class ImageReadAhead:
         """Up to `count` images of `folder` after `name` (by name, wrapping) that are not in memory."""
         if count <= 0:
             return []
-        try:
-            names = sorted(entry.name for entry in os.scandir(folder) if not entry.name.startswith(".")
-                           and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and entry.is_file())
-        except OSError:
-            return []
+        names = self._names(folder)
         start = bisect.bisect_right(names, name)
         found = []
         for candidate in names[start:] + names[:start]:
@@ -86,6 +83,19 @@ class ImageReadAhead:
                 if len(found) == count:
                     break
         return found
+
+
+    def _names(self, folder: Path) -> list[str]:
+        """The folder's image names, sorted; listed again only when the folder changes (its mtime)."""
+        try:
+            changed = os.stat(folder).st_mtime_ns
+            if self._listing is None or self._listing[:2] != (str(folder), changed):
+                names = sorted(entry.name for entry in os.scandir(folder) if not entry.name.startswith(".")
+                               and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and entry.is_file())
+                self._listing = (str(folder), changed, names)
+        except OSError:
+            return []
+        return self._listing[2]
 
 
 def _key(path: str | os.PathLike[str]) -> _Key | None:
