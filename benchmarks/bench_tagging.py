@@ -186,7 +186,9 @@ def child_cold(opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_steady(opts: dict[str, Any]) -> dict[str, Any]:
-    """Steady state: ours (per decode variant) and the vision-tower bound, alternating round by round."""
+    """Steady state: ours against the vision-tower bound, batch by batch; then decode variants, round by round."""
+    import itertools
+
     import torch
 
     from visual_buffet_siglip.engine import DecodePolicy
@@ -197,18 +199,41 @@ def child_steady(opts: dict[str, Any]) -> dict[str, Any]:
     tagger.embed_texts(labels)
     text_s = time.perf_counter() - started
     paths = [str(p) for p in opts["images"]]
-    per_round = [paths[i % len(paths)] for i in range(opts["per_round"])]
     model, batch = tagger.loaded.model, tagger.batch_size
     dtype = model.dtype
     draft = tagger._draft_size()
-    pixels = [tagger._prepare(i, p, draft).inputs["pixel_values"] for i, p in enumerate(per_round)]
-
-    def bound() -> None:
-        with torch.inference_mode():
-            for s in range(0, len(pixels), batch):
-                model.get_image_features(pixel_values=torch.cat(pixels[s:s + batch]).to(dtype))
-
+    pixels = [tagger._prepare(i, p, draft).inputs["pixel_values"] for i, p in enumerate(paths)]
     auto, fast = tagger.decode_policy, tagger.settings
+
+    def bound(first: int, count: int) -> float:
+        """Seconds for the vision tower alone on images first..first+count of the cycle, in batches."""
+        order = [pixels[(first + i) % len(pixels)] for i in range(count)]
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for s in range(0, count, batch):
+                model.get_image_features(pixel_values=torch.cat(order[s:s + batch]).to(dtype))
+        return time.perf_counter() - start
+
+    # 1. Pairs: one batch of ours (a long-running iter_tag, as in a real run), then the same images through the
+    #    bound, and so on. Pairs a few seconds apart see the same machine load. With the phased or inline
+    #    policy nothing runs between two pulls, so the bound's timing is not disturbed; with the overlap
+    #    policy (spare cores, GPUs) decode threads would keep working, so whole rounds are timed instead.
+    pairs: list[tuple[float, float]] = []
+    if auto.mode != "overlap":
+        stream = tagger.iter_tag(itertools.cycle(paths), labels=labels)
+        done = 0
+        for k in range(opts["pairs"] + 2):  # two batches of warm-up
+            start = time.perf_counter()
+            for _ in range(batch):
+                next(stream)
+            ours_s = time.perf_counter() - start
+            bound_s = bound(done, batch)
+            done += batch
+            if k >= 2:
+                pairs.append((ours_s, bound_s))
+        stream.close()
+
+    # 2. Rounds: every variant (and ours again) as a fresh run over `per_round` images, alternating with the bound.
     variants: dict[str, tuple[Any, Any]] = {"ours": (auto, fast)}  # name -> (decode policy, settings)
     for spec in opts.get("variants", []):
         if spec == "exact":
@@ -219,25 +244,29 @@ def child_steady(opts: dict[str, Any]) -> dict[str, Any]:
         policy = DecodePolicy(mode, n, batch if mode == "phased" else max(2 * batch, 2 * n), "benchmark")
         if (policy.mode, policy.workers) != (auto.mode, auto.workers):
             variants[f"ours, {mode}" + (f" x{n}" if n else "")] = (policy, fast)
+    per_round = [paths[i % len(paths)] for i in range(opts["per_round"])]
 
-    def ours(policy: Any, settings: Any) -> None:
+    def ours(policy: Any, settings: Any) -> float:
         tagger._policy, tagger.settings = policy, settings
+        start = time.perf_counter()
         for _ in tagger.iter_tag(per_round, labels=labels):
             pass
+        return time.perf_counter() - start
 
-    bound()  # warm-up: kernels, allocator, page cache
-    for variant in variants.values():
-        ours(*variant)
     times: dict[str, list[float]] = {"bound": [], **{name: [] for name in variants}}
-    for _ in range(opts["rounds"]):
-        t = time.perf_counter()
-        bound()
-        times["bound"].append(time.perf_counter() - t)
-        for name, variant in variants.items():
-            t = time.perf_counter()
-            ours(*variant)
-            times[name].append(time.perf_counter() - t)
-    return {"times": times, "images_per_round": len(per_round), "batch": batch, "dtype": str(dtype).split(".")[-1],
+    for r in range(opts["rounds"] + 1):  # round 0 is warm-up
+        row = {"bound": bound(0, len(per_round))}
+        row.update((name, ours(*variant)) for name, variant in variants.items())
+        for name, seconds in row.items():
+            if r:
+                times[name].append(seconds)
+    if not pairs:  # the overlap policy: the rounds are the steady-state measurement
+        pairs = list(zip(times["ours"], times["bound"]))
+        pair_images = len(per_round)
+    else:
+        pair_images = batch
+    return {"pairs": pairs, "pair_images": pair_images, "times": times, "images_per_round": len(per_round),
+            "batch": batch, "dtype": str(dtype).split(".")[-1],
             "policy": f"{auto.mode} x{auto.workers}: {auto.reason}", "text_s": text_s,
             "stats": tagger.label_cache.stats, "peak_rss_mb": _peak_rss_mb(), "rss_mb": _rss_mb()}
 
@@ -337,63 +366,75 @@ def _per_image(seconds: list[float], n: int) -> float:
     return statistics.median(seconds) / n
 
 
-def summarise_steady(result: dict[str, Any]) -> dict[str, Any]:
-    n, times = result["images_per_round"], result["times"]
-    rows = {}
-    for name, seconds in times.items():
-        ratios = [o / b for o, b in zip(seconds, times["bound"])]
-        rows[name] = {"s_per_image": _per_image(seconds, n), "ratio": statistics.median(ratios),
-                      "best_ratio": min(seconds) / min(times["bound"])}
-    return rows
+def headline(steady: dict[str, Any]) -> dict[str, float]:
+    """Ours and the bound per image (medians of the pairs) and ours / bound (median of the per-pair ratios)."""
+    pairs, n = steady["pairs"], steady["pair_images"]
+    return {"ours": _per_image([o for o, _ in pairs], n), "bound": _per_image([b for _, b in pairs], n),
+            "ratio": statistics.median(o / b for o, b in pairs),
+            "total_ratio": sum(o for o, _ in pairs) / sum(b for _, b in pairs), "pairs": len(pairs)}
+
+
+def variant_rows(steady: dict[str, Any]) -> dict[str, dict[str, float]]:
+    n, times = steady["images_per_round"], steady["times"]
+    return {name: {"s_per_image": _per_image(seconds, n),
+                   "ratio": statistics.median(o / b for o, b in zip(seconds, times["bound"]))}
+            for name, seconds in times.items()}
 
 
 def _fmt_s(seconds: float) -> str:
     return f"{seconds:.3f} s" if seconds < 10 else f"{seconds:.1f} s"
 
 
-def _memory_summary(samples: list[list[float]]) -> tuple[float, float, float, float]:
-    """RSS after warm-up (10% in), at the end, the maximum, and the slope over the second half (MB / 1000 images)."""
-    warm = next(rss for k, rss in samples if k >= samples[-1][0] * 0.1)
-    half = [(k, rss) for k, rss in samples if k >= samples[-1][0] / 2]
-    slope = 1000 * (half[-1][1] - half[0][1]) / max(1, half[-1][0] - half[0][0])
-    return warm, samples[-1][1], max(rss for _, rss in samples), slope
+def memory_summary(samples: list[list[float]]) -> dict[str, float]:
+    """Median RSS early (10-30% in, after warm-up) and late (last 30%), the maximum, and the late - early drift."""
+    total = samples[-1][0]
+    early = statistics.median(rss for k, rss in samples if 0.1 * total <= k <= 0.3 * total)
+    late = statistics.median(rss for k, rss in samples if k >= 0.7 * total)
+    return {"early": early, "late": late, "peak": max(rss for _, rss in samples), "drift": late - early,
+            "per_1000": 1000 * (late - early) / (0.6 * total), "images": total}
 
 
 def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, Any], loads: tuple[float, float]
            ) -> str:
+    busy = " (a shared machine: other jobs were running)" if max(loads) > 1.5 else ""
     lines = [HEADING, "",
              f"`python benchmarks/bench_tagging.py{' --full' if args.full else ''}` on {info['cpu']} "
              f"({info['cpus']} CPUs; {', '.join(info['simd']) or 'no AVX2'}), {info['ram_gb']:.0f} GB RAM, "
              f"{info['os']}; Python {info['python']}, torch {info['torch']} ({info['threads']} threads), "
              f"transformers {info['transformers']}, Pillow {info['pillow']}"
              f"{' with libjpeg-turbo' if info['turbo'] else ''}. 1-minute load average {loads[0]:.1f} at the start "
-             f"and {loads[1]:.1f} at the end{' (a shared machine: other jobs were running)' if max(loads) > 1.5 else ''}.",
-             "",
+             f"and {loads[1]:.1f} at the end{busy}.", "",
              f"Random-weight checkpoints of the real shapes; {len(SIZES) * 2} photo-like JPEGs (quality 90, "
-             f"{', '.join(f'{w * h / 1e6:.1f}' for w, h in SIZES)} MP, landscape and portrait) cycled; labels from the "
-             "built-in vocabulary. Default settings otherwise (`decode = \"fast\"`, dtype auto = float32 on CPU, "
-             "batch size from the planner).", ""]
+             f"{', '.join(f'{w * h / 1e6:.1f}' for w, h in SIZES)} MP, landscape and portrait) cycled; labels from "
+             "the built-in vocabulary. Default settings otherwise (`decode = \"fast\"`, dtype auto = float32 on "
+             "CPU, batch size from the planner).", ""]
     for shape, res in results.items():
-        steady = summarise_steady(res["steady"])
-        ours, bound = steady["ours"], res["steady"]
-        b = _per_image(res["steady"]["times"]["bound"], res["steady"]["images_per_round"])
+        st = res["steady"]
+        h = headline(st)
         naive = statistics.mean(res["naive"]["times"])
+        n_naive = len(res["naive"]["times"])
         lines += [f"### {SHAPES[shape][1]} shape, {res['labels']} labels", "",
-                  f"Batch {bound['batch']}, {bound['dtype']}, decode policy: {bound['policy']}. "
-                  f"{len(bound['times']['bound'])} alternating rounds of {bound['images_per_round']} images; "
-                  "ratios are per-round medians (best-round ratio in brackets).", "",
+                  f"Batch {st['batch']}, {st['dtype']}, decode policy {st['policy']}.", "",
+                  f"Ours and the bound alternate {'batch by batch' if st['pair_images'] == st['batch'] else 'round by round'} "
+                  f"({h['pairs']} pairs of {st['pair_images']} images); s/image are medians, the ratio is the "
+                  "median of the per-pair ratios (all pairs pooled in brackets).", "",
                   "| path | s / image | images / s | vs vision-tower bound |", "|---|---|---|---|",
-                  f"| vision tower only (bound) | {b:.3f} | {1 / b:.2f} | 1.00 |"]
-        for name, row in steady.items():
-            if name == "bound":
-                continue
-            label = "**ours** (tag, steady state)" if name == "ours" else name
-            lines.append(f"| {label} | {row['s_per_image']:.3f} | {1 / row['s_per_image']:.2f} | "
-                         f"{row['ratio']:.3f} ({row['best_ratio']:.3f}) |")
-        lines.append(f"| naive: full forward per image, text re-encoded ({len(res['naive']['times'])} image"
-                     f"{'s' if len(res['naive']['times']) > 1 else ''}) | {naive:.1f} | {1 / naive:.3f} | "
-                     f"{naive / b:.0f} |")
-        lines += ["", f"Ours is **{naive / ours['s_per_image']:.0f}x faster than the naive path** per image.", ""]
+                  f"| vision tower only (bound) | {h['bound']:.3f} | {1 / h['bound']:.2f} | 1.00 |",
+                  f"| **ours** (tag, steady state) | {h['ours']:.3f} | {1 / h['ours']:.2f} | "
+                  f"**{h['ratio']:.3f}** ({h['total_ratio']:.3f}) |",
+                  f"| naive: full forward per image, text re-encoded ({n_naive} image{'s' if n_naive > 1 else ''}) "
+                  f"| {naive:.1f} | {1 / naive:.3f} | {naive / h['bound']:.0f} |", "",
+                  f"Ours is **{naive / h['ours']:.0f}x faster than the naive path** per image.", ""]
+        rows = variant_rows(st)
+        if len(rows) > 2:
+            lines += [f"Decode variants, each a fresh run over {st['images_per_round']} images alternating with the "
+                      f"bound on the same images ({len(st['times']['bound'])} rounds; ratio = median per round):", "",
+                      "| variant | s / image | vs bound |", "|---|---|---|"]
+            for name, row in rows.items():
+                if name != "bound":
+                    label = f"ours (default: {st['policy'].split(':')[0]})" if name == "ours" else name
+                    lines.append(f"| {label} | {row['s_per_image']:.3f} | {row['ratio']:.3f} |")
+            lines.append("")
         if "cold" in res:
             c0, c1 = res["cold"]
             lines += ["| cold start, new process to first tagged image | import | load model | label embeddings "
@@ -405,49 +446,46 @@ def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, An
             lines += ["", f"Second-process text stage: **{c0['text_s'] / c1['text_s']:.0f}x faster** "
                           f"({c0['labels']} labels read from disk instead of encoded).", ""]
         if "memory" in res:
-            warm, end, peak, slope = _memory_summary(res["memory"]["samples"])
-            n = res["memory"]["samples"][-1][0]
-            lines += [f"Memory over a {n:,}-image run ({res['memory']['seconds'] / n:.3f} s/image): RSS "
-                      f"{warm:.0f} MB after warm-up, {end:.0f} MB at the end, {peak:.0f} MB at most; "
-                      f"{slope:+.1f} MB per 1,000 images over the second half.", ""]
-        peaks = [f"{r['dtype']}: {r['peak_rss_mb']:.0f} MB" for r in [res["steady"], *res.get("extra", [])]]
-        lines += [f"Peak RSS while tagging in steady state: {'; '.join(peaks)}.", ""]
+            m = memory_summary(res["memory"]["samples"])
+            lines += [f"Memory over a {m['images']:,}-image run ({res['memory']['seconds'] / m['images']:.3f} "
+                      f"s/image, records consumed as they come): median RSS {m['early']:.0f} MB early (10-30% in), "
+                      f"{m['late']:.0f} MB late (last 30%), {m['peak']:.0f} MB at most.", ""]
+        peaks = [f"{r['dtype']}: {r['peak_rss_mb']:.0f} MB" for r in [st, *res.get("extra", [])]]
+        lines += [f"Peak RSS of a process tagging in steady state: {'; '.join(peaks)}.", ""]
         for extra in res.get("extra", []):
-            row = summarise_steady(extra)["ours"]
-            eb = _per_image(extra["times"]["bound"], extra["images_per_round"])
-            lines += [f"With dtype = {extra['dtype']} (opt-in, see the CPU dtype study): bound {eb:.3f} s/image, "
-                      f"ours {row['s_per_image']:.3f} s/image ({row['ratio']:.3f}x the bound).", ""]
+            e = headline(extra)
+            lines += [f"With dtype = {extra['dtype']} (opt-in; see the CPU precision study for what it costs in "
+                      f"accuracy): bound {e['bound']:.3f} s/image, ours {e['ours']:.3f} s/image "
+                      f"({e['ratio']:.3f}x the bound).", ""]
     if "base" in results:
         lines += targets(results["base"])
     return "\n".join(lines).rstrip() + "\n"
 
 
 def targets(res: dict[str, Any]) -> list[str]:
-    steady = summarise_steady(res["steady"])
-    ours = steady["ours"]
+    h = headline(res["steady"])
     naive = statistics.mean(res["naive"]["times"])
-    rows = [("steady state <= 1.15x the vision-tower bound", f"{ours['ratio']:.3f}x", ours["ratio"] <= 1.15),
-            (">= 50x faster than the naive path", f"{naive / ours['s_per_image']:.0f}x",
-             naive / ours["s_per_image"] >= 50)]
+    rows = [("steady state <= 1.15x the vision-tower bound", f"{h['ratio']:.3f}x", h["ratio"] <= 1.15),
+            (">= 50x faster than the naive path", f"{naive / h['ours']:.0f}x", naive / h["ours"] >= 50)]
     if "cold" in res:
         c0, c1 = res["cold"]
         rows.append(("second-process text stage >= 20x faster than encoding", f"{c0['text_s'] / c1['text_s']:.0f}x",
                      c0["text_s"] / c1["text_s"] >= 20))
     if "memory" in res:
-        warm, end, peak, slope = _memory_summary(res["memory"]["samples"])
-        n = res["memory"]["samples"][-1][0]
-        rows.append((f"memory flat over a {n:,}-image run", f"{end - warm:+.0f} MB after warm-up, "
-                     f"{slope:+.1f} MB / 1,000 images", abs(end - warm) < 50 and abs(slope) < 10))
+        m = memory_summary(res["memory"]["samples"])
+        rows.append((f"memory flat over a {m['images']:,}-image run",
+                     f"{m['drift']:+.0f} MB late vs early ({m['per_1000']:+.1f} MB / 1,000 images)",
+                     abs(m["drift"]) < 50))
     out = ["### Targets (base shape)", "", "| target | measured | met |", "|---|---|---|"]
     out += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in rows]
     return out + [""]
 
 
-def write_section(text: str, results_md: Path) -> None:
-    """Replace this benchmark's section of RESULTS.md, keeping every other section."""
+def write_section(text: str, results_md: Path, heading: str = HEADING) -> None:
+    """Replace the section under `heading` in RESULTS.md, keeping every other section."""
     old = results_md.read_text(encoding="utf-8") if results_md.exists() else "# Benchmark results\n"
-    if HEADING in old:
-        head, rest = old.split(HEADING, 1)
+    if heading in old:
+        head, rest = old.split(heading, 1)
         tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
         new = head + text + tail
     else:
@@ -462,8 +500,10 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="base and so400m, whole vocabulary, 2,000-image memory run")
     parser.add_argument("--shapes", help="comma-separated: base, so400m (default: base; --full: both)")
     parser.add_argument("--labels", type=int, help=f"how many vocabulary labels (default {QUICK_LABELS}; --full: all)")
-    parser.add_argument("--rounds", type=int, help="alternating ours/bound rounds (default 3; --full 5)")
-    parser.add_argument("--per-round", type=int, help="images per steady-state round (default 40)")
+    parser.add_argument("--pairs", type=int, help="ours/bound batch pairs (default 15; --full 40)")
+    parser.add_argument("--rounds", type=int, help="rounds of the decode-variant comparison (default 3; --full 5)")
+    parser.add_argument("--report-only", action="store_true", help="re-render the last run's results")
+    parser.add_argument("--per-round", type=int, help="images per decode-variant round (default 24)")
     parser.add_argument("--memory-images", type=int, help="length of the memory run (default 300; --full 2000)")
     parser.add_argument("--naive-images", type=int, help="images through the naive path (default 1; --full 2)")
     parser.add_argument("--variants", default="exact,phased-2,overlap-1,overlap-2,inline",
@@ -484,6 +524,14 @@ def main() -> int:
     shapes = (args.shapes or ("base,so400m" if args.full else "base")).split(",")
     label_count = args.labels if args.labels is not None else (0 if args.full else QUICK_LABELS)
     rounds = args.rounds or (5 if args.full else 3)
+    pairs = args.pairs or (40 if args.full else 15)
+    if args.report_only:
+        last = json.loads((WORK / "last-run.json").read_text())
+        text = report(args, last["machine"], last["results"], tuple(last["loads"]))
+        if not args.no_write:
+            write_section(text, HERE / "RESULTS.md")
+        print(text)
+        return 0
     memory_images = args.memory_images or (2000 if args.full else 300)
     naive_images = args.naive_images or (2 if args.full else 1)
     extra_dtypes = [d for d in (args.dtypes if args.dtypes is not None else ("bfloat16" if args.full else "")
@@ -508,14 +556,16 @@ def main() -> int:
         cold.append(run_child("cold", dict(opts, image=twelve_mp), cache))
         res["cold"] = cold
         print(f"[{shape}] steady state vs the vision-tower bound ...", file=sys.stderr)
-        per_round = 4 if big else (args.per_round or 4 * len(images))
-        res["steady"] = run_child("steady", dict(opts, rounds=2 if big else rounds, per_round=per_round,
-                                                 variants=[] if big else variants), cache)
+        per_round = 4 if big else (args.per_round or 24)
+        res["steady"] = run_child("steady", dict(opts, rounds=1 if big else rounds, per_round=per_round,
+                                                 pairs=2 if big else pairs, variants=[] if big else variants),
+                                  cache)
         if not big:
             for dtype in extra_dtypes:
                 print(f"[{shape}] steady state at {dtype} ...", file=sys.stderr)
-                res.setdefault("extra", []).append(run_child("steady", dict(opts, dtype=dtype, rounds=rounds,
-                                                                           per_round=per_round), cache))
+                res.setdefault("extra", []).append(run_child("steady", dict(opts, dtype=dtype, rounds=1,
+                                                                           per_round=per_round, pairs=pairs),
+                                                             cache))
         print(f"[{shape}] naive path ...", file=sys.stderr)
         count = 1 if big else naive_images
         res["naive"] = run_child("naive", dict(opts, images=[twelve_mp] * count, count=count), cache)

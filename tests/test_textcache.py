@@ -154,7 +154,8 @@ def test_key_covers_what_changes_an_embedding(checkpoints, cache):
 # --- corruption ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "flip", "empty", "foreign"])
-def test_a_corrupt_file_is_reported_ignored_and_rebuilt(checkpoint, cache, encoded, caplog, damage):
+def test_a_corrupt_file_is_reported_ignored_and_rebuilt(checkpoints, cache, encoded, caplog, damage):
+    checkpoint = checkpoints["siglip"]
     cold = cached_tagger(checkpoint).embed_texts(LABELS_N)
     [path] = files(cache)
     data = path.read_bytes()
