@@ -81,6 +81,22 @@ def reference_scores(checkpoint: Path, image_paths, labels, **processor_kwargs) 
         return torch.sigmoid(model(**inputs).logits_per_image).numpy()
 
 
+@pytest.fixture
+def encoded(monkeypatch) -> list[str]:
+    """Every label that goes through the text tower from here on."""
+    from visual_buffet_siglip.engine import SiglipTagger
+
+    labels: list[str] = []
+    real = SiglipTagger._encode_texts
+
+    def counting(self, batch):
+        labels.extend(batch)
+        return real(self, batch)
+
+    monkeypatch.setattr(SiglipTagger, "_encode_texts", counting)
+    return labels
+
+
 def make_settings(checkpoint: Path, **overrides):
     from visual_buffet_siglip import Settings
 

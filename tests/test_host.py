@@ -84,20 +84,6 @@ def loads(monkeypatch) -> list[str]:
 
 
 @pytest.fixture
-def encoded(monkeypatch) -> list[str]:
-    """Every label that goes through the text tower from here on."""
-    labels: list[str] = []
-    real = SiglipTagger._encode_texts
-
-    def counting(self, batch):
-        labels.extend(batch)
-        return real(self, batch)
-
-    monkeypatch.setattr(SiglipTagger, "_encode_texts", counting)
-    return labels
-
-
-@pytest.fixture
 def embedded(monkeypatch) -> list[int]:
     """Sizes of the vision batches run from here on."""
     sizes: list[int] = []

@@ -28,20 +28,6 @@ def cache(tmp_path, monkeypatch) -> Path:
     return root
 
 
-@pytest.fixture
-def encoded(monkeypatch) -> list[str]:
-    """Every label that goes through the text tower from here on."""
-    labels: list[str] = []
-    real = SiglipTagger._encode_texts
-
-    def counting(self, batch):
-        labels.extend(batch)
-        return real(self, batch)
-
-    monkeypatch.setattr(SiglipTagger, "_encode_texts", counting)
-    return labels
-
-
 def cached_tagger(checkpoint, **overrides) -> SiglipTagger:
     return SiglipTagger(make_settings(checkpoint, text_cache=True, **overrides))
 
