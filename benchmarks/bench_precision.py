@@ -126,8 +126,8 @@ def decode_study(base: Path, tiny: dict[str, Path], images: list[Path], labels: 
         worst = max(worst, m["calibrated"] if name == "base-shaped" else m["raw"])
         lines.append(f"| {name} | {m['raw']:.5f} | {m['calibrated']:.5f} | {m['bound']:.5f} |")
     verdict = ("within 0.002" if worst <= 0.002 else
-               "more than 0.002, so the full decode stays one setting away: `decode = \"exact\"` (the reference "
-               "pipeline's pixels, bit for bit)")
+               "more than 0.002, so the full decode stays one setting away: `decode = \"exact\"` gives the "
+               "reference pipeline's pixels, bit for bit")
     lines += ["", f"Fast decoding moves confidences by at most {worst:.4f} on these photos ({verdict}). "
               "Tiny models see 32 px inputs that their two random layers amplify; for a real model the base-shaped "
               "row is the one to read: flat where a random model's scores sit (raw), about 0.005 where a trained "
@@ -239,7 +239,7 @@ def precision_study(base: Path, tiny: dict[str, Path], images: list[Path], label
              "benchmarks/bench_precision.py.", "",
              "| variant | vision s/img (float32) | vision speed-up | text speed-up | tiny models, max change | "
              "base-shaped raw | calibrated | bound | within 0.005? |", "|---|---|---|---|---|---|---|---|---|"]
-    for vname in chosen:
+    for vname in (v for v in chosen if v in speed):
         acc = accuracy[vname]
         tiny_max = max((m["raw"] for k, m in acc.items() if k.startswith("tiny")), default=float("nan"))
         b = acc["base-shaped"]
@@ -248,7 +248,13 @@ def precision_study(base: Path, tiny: dict[str, Path], images: list[Path], label
         tiny_text = f"{tiny_max:.4f}" if tiny_max == tiny_max else "-"
         lines.append(f"| {vname} | {vis:.3f} ({vis32:.3f}) | {vis_up:.2f}x | {txt:.2f}x | {tiny_text} | "
                      f"{b['raw']:.5f} | {b['calibrated']:.4f} | {b['bound']:.4f} | {'yes' if ok else 'no'} |")
-    lines += [""]
+    adopt = [v for v in chosen if v in speed and speed[v][2] >= 1.1 and max(
+        accuracy[v]["base-shaped"]["calibrated"],
+        max((m["raw"] for k, m in accuracy[v].items() if k.startswith("tiny")), default=0.0)) <= TOLERANCE]
+    lines += ["", ("Adopted as the CPU default: " + ", ".join(adopt) + "." if adopt else
+                   f"No variant is both faster (>= 1.1x) and within {TOLERANCE} of float32, so float32 stays the "
+                   "CPU default; the bfloat16 variants remain opt-in (`dtype = \"bfloat16\"` loads a bfloat16 "
+                   "model) for users who accept the change in confidences."), ""]
     for vname, problems in failures.items():
         lines.append(f"{vname} does not run on: " + "; ".join(p[:160] for p in problems) + ".")
     lines += [""] if failures else []

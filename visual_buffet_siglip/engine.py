@@ -48,6 +48,7 @@ from .textcache import DiskLabelStore, LabelEmbeddingCache, cache_root, library_
 log = logging.getLogger(__name__)
 
 TEXT_BATCH = 64
+TEXT_SAVE_EVERY = 512  # labels encoded between two writes of the disk cache
 MAX_DECODE_WORKERS = 16
 NARROW_SCORING = 4  # label sets this small are scored with numpy's einsum (see _Scorer)
 
@@ -115,7 +116,8 @@ def decode_policy(device: str, cpus: int, torch_threads: int, batch_size: int) -
     workers = max(1, min(MAX_DECODE_WORKERS, cpus, batch_size))
     return DecodePolicy("phased", workers, batch_size,
                         f"cpu: torch uses all {cpus} CPUs, so a decode thread beside it would only "
-                        f"compete; each next batch decodes on {workers} threads between model calls")
+                        f"compete; each next batch decodes on {workers} thread{'s' if workers > 1 else ''} "
+                        "between model calls")
 
 
 def available_cpus() -> int:
@@ -247,8 +249,9 @@ class SiglipTagger:
             with self._text_lock:  # one thread encodes; others waiting for the same labels reuse them
                 found.update(cache.get(missing, count=False))
                 missing = [label for label in missing if label not in found]
-                if missing:
-                    fresh = self._encode_texts(missing)
+                # saved as it goes, so a run killed while encoding a big vocabulary keeps most of it
+                for start in range(0, len(missing), TEXT_SAVE_EVERY):
+                    fresh = self._encode_texts(missing[start:start + TEXT_SAVE_EVERY])
                     cache.put(fresh)
                     found.update(fresh)
         if not keyed:

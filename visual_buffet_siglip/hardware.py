@@ -482,8 +482,8 @@ def _choose_dtype(profile: HardwareProfile, setting: str, device: str, gpu: Cuda
                                 "against float32, over the 0.005 allowed (benchmarks/RESULTS.md)")
             if _has_bf16_cpu(profile.cpu):
                 native = ", ".join(f for f in BF16_CPU_FEATURES if f in profile.cpu.features)
-                reasons["dtype"] += (f' (this CPU has {native}: dtype = "bfloat16" runs the vision tower '
-                                     'about 1.6-1.9x faster if that is acceptable)')
+                reasons["dtype"] += (f' (this CPU has {native}: dtype = "bfloat16" can run the model '
+                                     'about 3x faster, if that is acceptable)')
     else:
         dtype = setting
         reasons["dtype"] = f'dtype = "{dtype}" set in config'
