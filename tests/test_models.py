@@ -110,3 +110,45 @@ def test_fingerprint_of_a_directory_changes_with_its_weights(tmp_path, checkpoin
     with open(folder / "model.safetensors", "ab") as handle:
         handle.write(b"\0")
     assert fingerprint(folder) != before and before.startswith("dir:")
+
+
+def test_uncached_model_is_downloaded_once_when_online(tmp_path, monkeypatch, checkpoints):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from visual_buffet_siglip import models
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_offline", lambda: False)
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs["allow_patterns"]))
+        _fake_hub_cache(tmp_path, repo_id, checkpoints["siglip"])
+        return str(tmp_path / ("models--" + repo_id.replace("/", "--")) / "snapshots" / COMMIT)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    first = resolve_source("someone/fresh-siglip")
+    second = resolve_source("someone/fresh-siglip")  # now cached: no second download
+    assert first == second and first.name == COMMIT and len(calls) == 1
+    assert "*.safetensors" in calls[0][1] and not any(p.endswith(".bin") for p in calls[0][1])
+
+
+def test_failed_download_says_how_to_get_the_model(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from visual_buffet_siglip import models
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_offline", lambda: False)
+
+    def no_network(repo_id, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    with pytest.raises(ModelLoadError) as info:
+        resolve_source("google/siglip2-base-patch16-224")
+    message = str(info.value)
+    assert "not in the local Hugging Face cache" in message and "Name or service not known" in message
+    assert "visual-buffet-siglip download google/siglip2-base-patch16-224" in message

@@ -159,7 +159,7 @@ def check_models(cached: Sequence[str], model: str, model_cached: bool) -> Check
 def check_offline(offline: bool, cached: Sequence[str]) -> Check:
     if not offline:
         return Check(OK, "offline", "HF_HUB_OFFLINE is not set: `download` may reach the Hugging Face hub "
-                     "(tagging never does; it loads cached models only)")
+                     "(tagging downloads an uncached model once; cached ones load with no network access)")
     if cached:
         return Check(OK, "offline", "HF_HUB_OFFLINE is set: only cached models and local directories load")
     return Check(WARN, "offline", "HF_HUB_OFFLINE is set and no registry model is cached",

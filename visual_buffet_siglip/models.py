@@ -188,8 +188,10 @@ def cached_snapshot(name: str) -> Path | None:
 def resolve_source(name: str) -> Path:
     """A local folder holding `name`'s files: the directory itself or its cached hub snapshot.
 
-    Cached hub models load with no network access at all (fast, never hangs);
-    `visual-buffet-siglip download` is how a cached copy is fetched or refreshed.
+    Cached hub models load with no network access at all (fast, never hangs); an
+    uncached one is downloaded once, unless HF_HUB_OFFLINE says there is no
+    network, in which case the error says how to get it at once.
+    `visual-buffet-siglip download` fetches or refreshes a cached copy explicitly.
     """
     local = Path(os.path.expanduser(name))
     if local.is_dir():
@@ -198,9 +200,15 @@ def resolve_source(name: str) -> Path:
                                  "it does not hold a transformers checkpoint (save one with save_pretrained)")
         return local.resolve()
     snapshot = cached_snapshot(name)
-    if snapshot is None:
+    if snapshot is not None:
+        return snapshot
+    if _offline():
         raise ModelLoadError(not_cached_message(name))
-    return snapshot
+    log.info("%s is not in the Hugging Face cache: downloading it once", name)
+    try:
+        return download(name)
+    except Exception as exc:  # no route to the hub, a proxy, a gated repo: say what to do instead
+        raise ModelLoadError(f"{not_cached_message(name)} (the download failed: {exc})") from None
 
 
 def read_model_config(name: str) -> dict[str, Any]:
