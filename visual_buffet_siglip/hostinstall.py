@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from .config import PLUGIN_NAME, tomllib
+from .fileio import write_atomic
 
 MARKER = "installed by visual-buffet-siglip install-into-host"
 BACKUP_PREFIX = f".{PLUGIN_NAME}.backup-"
@@ -81,7 +82,7 @@ def install(host: str | os.PathLike[str], now: datetime | None = None) -> list[s
         target.mkdir(exist_ok=True)
         # __init__.py first: the host never sees a manifest without the code it names
         for name, text in (("__init__.py", init_line()), ("plugin.toml", manifest())):
-            _write_atomically(target / name, text)
+            write_atomic(target / name, text)
     except OSError as exc:
         raise HostInstallError(f"cannot install into {plugins}: {exc}") from None
     done.append(f"wrote {target / 'plugin.toml'} and {target / '__init__.py'}")
@@ -131,7 +132,3 @@ def _free_backup(plugins: Path, now: datetime) -> Path:
     return candidate
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)

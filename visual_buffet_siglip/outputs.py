@@ -14,16 +14,15 @@ file and a rename, so a reader sees the old sidecar or the new one, never half.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import secrets
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 from .config import PLUGIN_NAME
+from .fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -176,22 +175,6 @@ def sidecar_path(image: str) -> Path:
     """`<folder>/<stem>_tags.json`, where the Visual Buffet host keeps an image's tags."""
     path = Path(image)
     return path.with_name(path.stem + SIDECAR_SUFFIX)
-
-
-def write_atomic(target: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `target`, fsync it, then rename it over `target`."""
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666: the umask applies as usual
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
 
 
 class SidecarSink(Sink):

@@ -42,11 +42,12 @@ import json
 import math
 import os
 import re
-import secrets
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from .fileio import write_atomic
 
 __all__ = ["DEFAULT_TITLE", "SLIDER_MAX", "SLIDER_MIN", "build_report", "read_records", "write_report"]
 
@@ -280,21 +281,7 @@ def write_report(
         records, threshold=threshold, images_root=images_root, title=DEFAULT_TITLE if title is None else title
     )
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.{secrets.token_hex(6)}.tmp")
-    # os.open with 0o666 lets the umask decide the final permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(html)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(output, html)
     return output
 
 

@@ -31,7 +31,6 @@ import logging
 import os
 import struct
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class DiskLabelStore:
                     if not new and self.path.exists():
                         return
                     merged = {**stored, **new}
-                    _atomic_write(self.path, encode(merged, self.key))
+                    write_atomic(self.path, encode(merged, self.key))
                     self._clean_stale_temps()
             except OSError as exc:
                 self._disable(f"cannot write {self.path}: {exc}")
@@ -257,27 +258,6 @@ def _checksum(labels_json: str, matrix: np.ndarray) -> str:
     digest.update(str(matrix.shape).encode())
     digest.update(np.ascontiguousarray(matrix, dtype=np.float32).tobytes())
     return digest.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        for attempt in range(5):
-            try:
-                os.replace(tmp, path)
-                break
-            except PermissionError:  # Windows: a reader holds the file open for a moment
-                if attempt == 4:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager
