@@ -25,7 +25,6 @@ Where the time goes, and what this module does about it:
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -39,7 +38,7 @@ import torch
 
 from . import __version__
 from .config import MAX_LENGTH, TEMPLATE, Settings, default_settings, normalize_label, normalize_labels
-from .hardware import HardwareProfile, Plan, detect
+from .hardware import HardwareProfile, Plan, cpu_cores, detect
 from .hardware import plan as make_plan
 from .images import ImageError, ImageSource, describe, load_image
 from .models import LoadedModel, load, model_info
@@ -120,14 +119,6 @@ def decode_policy(device: str, cpus: int, torch_threads: int, batch_size: int) -
                         "between model calls")
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (affinity-aware)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 class _Scorer:
     """Sigmoid confidences against one label matrix, converted to float64 once."""
 
@@ -197,7 +188,7 @@ class SiglipTagger:
         """How decoding overlaps the model on this machine (set `_policy` to override)."""
         if self._policy is None:
             device = torch.device(self.plan.device).type
-            self._policy = decode_policy(device, available_cpus(), torch.get_num_threads(), self.batch_size)
+            self._policy = decode_policy(device, cpu_cores(), torch.get_num_threads(), self.batch_size)
             log.debug("decode policy: %s", self._policy.reason)
         return self._policy
 

@@ -216,7 +216,7 @@ def _read(path: str) -> str | None:
 def _detect_cpu() -> CpuInfo:
     model, features = _cpu_model_and_features()
     ram, available = _ram_gb()
-    return CpuInfo(model=model, cores=_cpu_cores(), ram_gb=ram, available_ram_gb=available,
+    return CpuInfo(model=model, cores=cpu_cores(), ram_gb=ram, available_ram_gb=available,
                    features=features)
 
 
@@ -251,7 +251,8 @@ def _sysctl(name: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
-def _cpu_cores() -> int:
+def cpu_cores() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (containers)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
