@@ -20,6 +20,7 @@ from .config import DEFAULT_MODEL
 from .hardware import HardwareProfile
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
+TORCH_FLOOR = (2, 5)  # torch.OutOfMemoryError, which the engine catches, exists from 2.5
 CUDA_TORCH = "install the torch build for your CUDA version (https://pytorch.org/get-started/locally/)"
 
 
@@ -57,8 +58,10 @@ def check_torch(version: str | None, cuda_build: str | None) -> Check:
         return Check(FAIL, "torch", "not installed",
                      f"pip install torch==2.13.0 (CPU), or {CUDA_TORCH}")
     build = f"CUDA {cuda_build} build" if cuda_build else "CPU-only build"
-    if _major_minor(version) < (2, 4):
-        return Check(FAIL, "torch", f"{version} ({build})", "pip install -U 'torch>=2.4'")
+    if _major_minor(version) < TORCH_FLOOR:
+        floor = ".".join(map(str, TORCH_FLOOR))
+        return Check(FAIL, "torch", f"{version} ({build}): this plugin needs {floor} or newer",
+                     f"pip install -U 'torch>={floor}'")
     return Check(OK, "torch", f"{version} ({build})")
 
 
@@ -207,3 +210,8 @@ def format_checks(checks: Sequence[Check]) -> str:
         if check.fix and check.status != OK:
             lines.append(f"{'':<4}  {'':<{width}}  fix: {check.fix}")
     return "\n".join(lines)
+
+
+__all__ = ["Check", "OK", "WARN", "FAIL", "run_checks", "format_checks", "check_python", "check_torch",
+           "check_transformers", "check_device", "check_bitsandbytes", "check_flash_attn", "check_heif",
+           "check_avif", "check_cache", "check_models", "check_offline", "folder_size"]

@@ -480,3 +480,7 @@ def _normalise(features: torch.Tensor) -> np.ndarray:
 
 def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
+
+
+__all__ = ["SiglipTagger", "ImageEmbedding", "DecodePolicy", "decode_policy", "NonFiniteScoreError",
+           "prompt_for", "select_tags"]

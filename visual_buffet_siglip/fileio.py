@@ -34,3 +34,6 @@ def write_atomic(target: Path, data: str | bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
+
+
+__all__ = ["write_atomic"]

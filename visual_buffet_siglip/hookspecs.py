@@ -34,3 +34,6 @@ def visual_buffet_tag(images: Sequence[str], config: Mapping[str, Any]) -> dict[
     Returns None when the plugin is disabled, else
     {"plugin": name, "results": [one record per image, in input order]}.
     """
+
+
+__all__ = ["PROJECT", "hookspec", "hookimpl"]

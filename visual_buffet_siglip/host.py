@@ -245,3 +245,6 @@ class SiglipPlugin(PluginBase):
         return TagResult(tags=[Tag(label=t["label"], confidence=t["confidence"]) for t in tags], model=model,
                          version=__version__, inference_time_ms=round((time.perf_counter() - start) * 1000, 3),
                          metadata=metadata)
+
+
+__all__ = ["SiglipPlugin", "host_config_path", "read_host_block", "translate"]

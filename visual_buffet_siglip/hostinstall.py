@@ -132,3 +132,5 @@ def _free_backup(plugins: Path, now: datetime) -> Path:
     return candidate
 
 
+__all__ = ["HostInstallError", "install", "uninstall", "manifest", "init_line", "plugins_dir", "is_ours",
+           "backups", "MARKER"]

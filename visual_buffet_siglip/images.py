@@ -315,3 +315,9 @@ def load_image(source: ImageSource, *, draft_size: int | None = None) -> Image.I
         detail = str(exc) or type(exc).__name__
         raise ImageDecodeError(f"{name}: cannot decode image ({detail}); the file may be truncated or damaged") \
             from None
+
+
+__all__ = ["ImageSource", "ImageError", "ImageNotFoundError", "ImagePermissionError", "NotAFileError",
+           "ImageDecodeError", "EmptyFileError", "ImageTooLargeError", "UnsupportedFormatError", "load_image",
+           "describe", "max_pixels", "check_size", "heif_available", "to_8bit", "to_rgb", "IMAGE_SUFFIXES",
+           "MAX_PIXELS_ENV", "DEFAULT_MAX_PIXELS", "LARGE_PIXELS"]

@@ -301,3 +301,8 @@ def load(name: str, plan: Plan) -> LoadedModel:
     model.eval()
     log.info("loaded %s from %s (%s, %s, %s attention)", name, source, plan.device, plan.dtype, plan.attention)
     return LoadedModel(model, processor, info, source, fingerprint(source), plan)
+
+
+__all__ = ["ModelLoadError", "ModelInfo", "LoadedModel", "REGISTRY", "load", "download", "model_info",
+           "info_from_config", "model_name_problem", "closest_models", "resolve_source", "read_model_config",
+           "cached_snapshot", "not_cached_message", "fingerprint"]

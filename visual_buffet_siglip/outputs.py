@@ -232,3 +232,7 @@ def _other_results(sidecar: Path) -> dict[str, Any]:
         return {}
     results = document.get("results") if isinstance(document, dict) else None
     return {k: v for k, v in results.items() if k != PLUGIN_NAME} if isinstance(results, dict) else {}
+
+
+__all__ = ["Sink", "StreamSink", "SidecarSink", "UsageError", "path_record", "json_text", "format_table",
+           "read_done", "remaining_paths", "sidecar_path"]

@@ -68,3 +68,6 @@ def visual_buffet_tag(images: Sequence[str], config: Mapping[str, Any]) -> dict[
     results = tagger_for(settings).tag(list(images), labels=settings.label_set,
                                        threshold=settings.confidence_threshold, max_tags=settings.max_tags)
     return {"plugin": PLUGIN_NAME, "results": results}
+
+
+__all__ = ["tagger_for", "visual_buffet_plugin_info", "visual_buffet_validate_config", "visual_buffet_tag"]

@@ -105,3 +105,6 @@ def _key(path: str | os.PathLike[str]) -> _Key | None:
     except OSError:
         return None
     return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
+
+
+__all__ = ["ImageReadAhead"]

@@ -93,3 +93,6 @@ def _scores(tagger: SiglipTagger, chunk: Chunk, text: np.ndarray) -> np.ndarray:
 def _top(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     """Indices of the `k` best: score descending, then row ascending."""
     return np.lexsort((rows, -scores))[:k]
+
+
+__all__ = ["Hit", "retag", "search"]

@@ -371,3 +371,7 @@ def _revision_of(settings: Settings) -> str | None:
         return fingerprint(resolve_source(settings.model))
     except ModelLoadError:
         return None
+
+
+__all__ = ["EmbeddingStore", "EmbeddingWriter", "StoreError", "StoreIdentity", "writer_for_tag",
+           "check_compatible"]

@@ -343,3 +343,6 @@ class LabelEmbeddingCache:
 
     def __len__(self) -> int:
         return len(self._memory)
+
+
+__all__ = ["LabelEmbeddingCache", "DiskLabelStore", "CacheFileError", "cache_root", "user_cache_root"]
