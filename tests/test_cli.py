@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -145,3 +146,62 @@ def test_plan_refuses_a_model_that_does_not_fit(capsys):
     code, _, err = run_cli(capsys, "plan", "--simulate", "cuda:name=GTX 1650,vram_gb=4,cc=7.5",
                            "--model", "google/siglip2-so400m-patch14-384")
     assert code == 2 and "4bit" in err and "Traceback" not in err
+
+
+# --- path lists: `find ... | tag -`, --files-from, --null ---------------------------------------
+
+def stdin_of(monkeypatch, data: bytes) -> None:
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+
+
+def test_paths_from_stdin_match_paths_as_arguments(capsys, photo_dir, config_file, monkeypatch):
+    names = [str(photo_dir / "img0.png"), str(photo_dir / "corrupt.jpg"), str(photo_dir / "sub")]
+    stdin_of(monkeypatch, ("\n".join(names) + "\n\n").encode())  # blank lines are skipped
+    code, out, _ = run_cli(capsys, "-q", "tag", "-", "--config", str(config_file), "--format", "jsonl")
+    piped = [json.loads(line) for line in out.splitlines()]
+    assert code == 1
+    assert [r["path"] for r in piped] == names[:2] + [str(photo_dir / "sub" / "deep.png")]
+    _, out, _ = run_cli(capsys, "-q", "tag", *names, "--config", str(config_file), "--format", "jsonl")
+    assert [r["tags"] for r in piped] == [json.loads(line)["tags"] for line in out.splitlines()]
+
+
+def test_files_from_with_nul_separators_and_named_paths(capsys, photo_dir, config_file, tmp_path):
+    spaced = photo_dir / "with space\nand newline.png"
+    shutil.copy(photo_dir / "img1.png", spaced)
+    listing = tmp_path / "list0"
+    listing.write_bytes(b"\0".join(os.fsencode(p) for p in (spaced, photo_dir / "img2.png")) + b"\0")
+    code, out, _ = run_cli(capsys, "-q", "tag", str(photo_dir / "img0.png"), "--files-from", str(listing), "-0",
+                           "--config", str(config_file), "--format", "jsonl")
+    assert code == 0
+    assert [json.loads(line)["path"] for line in out.splitlines()] == [
+        str(photo_dir / "img0.png"), str(spaced), str(photo_dir / "img2.png")]
+
+
+def test_path_lists_keep_names_that_are_not_utf8():
+    import io
+
+    from visual_buffet_siglip.cli import read_path_list
+
+    raw = b"/photos/caf\xe9.jpg\r\n/photos/b.jpg\n"
+    assert [os.fsencode(p) for p in read_path_list(io.BytesIO(raw))] == [b"/photos/caf\xe9.jpg", b"/photos/b.jpg"]
+    assert read_path_list(io.BytesIO(b"a b\nc\0d\0"), null=True) == ["a b\nc", "d"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tag"], "no PATH given"),
+    (["tag", "-", "--files-from", "-"], "stdin can be read once"),
+    (["tag", "a.jpg", "--null"], "--null applies to a path list"),
+    (["tag", "--files-from", "/nonexistent/list.txt"], "/nonexistent/list.txt"),
+])
+def test_path_list_misuse_is_a_usage_error(capsys, monkeypatch, argv, message):
+    stdin_of(monkeypatch, b"")
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and message in err and out == ""
+
+
+def test_an_empty_path_list_says_so(capsys, monkeypatch):
+    stdin_of(monkeypatch, b"\n")
+    code, _, err = run_cli(capsys, "tag", "-")
+    assert code == 2 and "no images found in the path list" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -134,11 +135,113 @@ def test_table_format_is_human_readable(checkpoints, tmp_path, capsys):
 @pytest.mark.parametrize("argv, level", [(["models"], logging.INFO), (["models", "-q"], logging.ERROR),
                                          (["-q", "models"], logging.ERROR), (["models", "--verbose"], logging.DEBUG),
                                          (["-v", "models"], logging.DEBUG)])
-def test_quiet_and_verbose_work_before_or_after_the_subcommand(argv, level, monkeypatch, hub_cache):
-    seen = {}
-    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: seen.update(kwargs))
-    assert cli.main(argv) == 0
-    assert seen["level"] == level
+def test_quiet_and_verbose_work_before_or_after_the_subcommand(argv, level, hub_cache, capsys):
+    try:
+        assert cli.main(argv) == 0
+        assert logging.getLogger("visual_buffet_siglip").level == level
+    finally:
+        cli.configure_logging()
+    assert logging.getLogger().handlers.count(cli._handler) == 0, "the root logger is given back"
+
+
+LOG_LINES = """
+import logging, sys
+from visual_buffet_siglip import cli
+code = cli.main(sys.argv[1:])
+logging.getLogger("httpx").info("HTTP Request: GET https://huggingface.co/api/models")
+logging.getLogger("urllib3.connectionpool").debug("Starting new HTTPS connection")
+logging.getLogger("huggingface_hub.file_download").warning("a library warning")
+logging.getLogger("visual_buffet_siglip.models").info("our own progress note")
+logging.getLogger("visual_buffet_siglip.models").debug("our own debug detail")
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_logs_stay_out_unless_verbose(verbose, tmp_path):
+    argv = ["models", "-v"] if verbose else ["models"]
+    result = subprocess.run([sys.executable, "-c", LOG_LINES, *argv], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "HF_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    err = result.stderr
+    assert "INFO: our own progress note" in err and "a library warning" in err
+    assert ("HTTP Request: GET" in err) == verbose, "third-party INFO only with -v"
+    assert ("our own debug detail" in err) == verbose
+    assert "Starting new HTTPS connection" not in err, "libraries' DEBUG floods even -v"
+    assert err.count("our own progress note") == 1
+
+
+# --- broken pipe, machine-readable output, flag typos ---------------------------------------------
+
+@pytest.mark.parametrize("argv", [["plan"], ["models"], ["doctor", "--format", "json"]])
+def test_a_closed_stdout_ends_quietly(argv, tmp_path):
+    """`... | head -1` or `| true`: the reader is gone before we write."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([sys.executable, "-m", "visual_buffet_siglip", *argv], stdout=write,
+                                stderr=subprocess.PIPE, text=True, timeout=120,
+                                env={**os.environ, "HF_HOME": str(tmp_path)})
+    finally:
+        os.close(write)
+    assert result.returncode == cli.SIGPIPE_EXIT, result.stderr
+    assert "error" not in result.stderr.lower() and "Traceback" not in result.stderr
+    assert "Exception ignored" not in result.stderr
+
+
+def test_models_json(hub_cache, capsys):
+    assert cli.main(["models", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["id"] for row in rows] == list(REGISTRY)
+    by_id = {row["id"]: row for row in rows}
+    assert by_id[CACHED]["cached"] is True and sum(row["cached"] for row in rows) == 1
+    assert by_id[CACHED]["image_size"] == 224 and by_id[CACHED]["min_vram_gb_fp16"] == 2.0
+    assert by_id["google/siglip2-so400m-patch16-naflex"]["image_size"] is None
+
+
+def test_plan_json_matches_the_planner(capsys):
+    from visual_buffet_siglip.config import Settings
+    from visual_buffet_siglip.hardware import plan
+    from visual_buffet_siglip.models import model_info
+
+    spec = "cuda:name=T4,vram_gb=16,cc=7.5"
+    assert cli.main(["plan", "--simulate", spec, "--model", CACHED, "--format", "json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    profile = parse_simulation(spec)
+    expected = plan(profile, Settings.from_mapping({"model": CACHED}), model_info(CACHED))
+    assert shown["plan"] == json.loads(json.dumps(expected.to_dict()))
+    assert shown["model"]["id"] == CACHED and shown["hardware"]["cuda"][0]["name"] == "T4"
+    assert shown["hardware"]["cpu"]["features"] == sorted(profile.cpu.features)
+
+
+def test_doctor_json(hub_cache, capsys):
+    assert cli.main(["doctor", "--model", CACHED, "--format", "json"]) == 0
+    checks = json.loads(capsys.readouterr().out)
+    assert [check["name"] for check in checks][:3] == ["python", "torch", "transformers"]
+    assert all(set(check) == {"status", "name", "detail", "fix"} for check in checks)
+    assert all(check["status"] in ("OK", "WARN", "FAIL") for check in checks)
+
+
+@pytest.mark.parametrize("argv, typo, meant", [
+    (["tag", "a.jpg", "--treshold", "0.5"], "--treshold", "--threshold"),
+    (["tag", "a.jpg", "--max_tags=3"], "--max_tags", "--max-tags"),
+    (["models", "--fromat", "json"], "--fromat", "--format"),
+    (["plan", "--simulte", "cpu:cores=2"], "--simulte", "--simulate"),
+    (["doctor", "--modle", "x"], "--modle", "--model"),
+])
+def test_a_mistyped_flag_gets_a_did_you_mean(argv, typo, meant, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert f"unrecognized arguments: {typo}" in err and f"did you mean {meant}?" in err
+    assert f"visual-buffet-siglip {argv[0]}" in err, "the subcommand's own usage"
+
+
+def test_an_unknown_flag_with_no_near_miss_gets_no_guess(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["models", "--zzzzzz"])
+    assert "did you mean" not in capsys.readouterr().err
 
 
 def test_quiet_and_verbose_together_is_a_usage_error(capsys):

@@ -1,14 +1,16 @@
 """`visual-buffet-siglip`: the standalone debug runner.
 
 Exit codes: 0 every image tagged, 1 some images failed (their errors are in
-the output), 2 usage, configuration, model or file-system errors. No traceback
-is shown unless --verbose.
+the output), 2 usage, configuration, model or file-system errors, 141 the
+reader of stdout went away (`... | head`: quiet, as a tool killed by SIGPIPE).
+No traceback is shown unless --verbose.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +26,8 @@ from .outputs import Sink, StreamSink, UsageError
 
 __all__ = ["main", "build_parser", "expand_paths", "run_tagging", "settings_from_args", "Sink", "UsageError"]
 
-log = logging.getLogger("visual_buffet_siglip")
+PACKAGE_LOGGER = "visual_buffet_siglip"
+log = logging.getLogger(PACKAGE_LOGGER)
 
 # --- inputs ---------------------------------------------------------------------------------
 
@@ -55,6 +58,42 @@ def _walk(folder: Path, recursive: bool) -> Iterator[str]:
                 yield from _walk(Path(entry.path), recursive)
         elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and not entry.name.startswith("."):
             yield os.path.join(str(folder), entry.name)
+
+
+def read_path_list(stream: IO[bytes], null: bool = False) -> list[str]:
+    """Paths one a line (or NUL-separated, as `find -print0` writes them); names that are not UTF-8 survive."""
+    data = stream.read()
+    entries = data.split(b"\0") if null else data.split(b"\n")
+    if not null:
+        entries = [entry[:-1] if entry.endswith(b"\r") else entry for entry in entries]
+    return [os.fsdecode(entry) for entry in entries if entry]
+
+
+def input_paths(args: argparse.Namespace) -> list[str]:
+    """`tag`'s PATHs, where `-` (or `--files-from -`) reads a list from stdin: `find ... | tag -`.
+
+    A list read from stdin or a file lifts the command line's length limit.
+    """
+    if not args.paths and args.files_from is None:
+        raise UsageError("no PATH given: name image files or folders, `-` to read them from stdin, "
+                         "or --files-from FILE")
+    if args.paths.count("-") + (args.files_from == "-") > 1:
+        raise UsageError("stdin can be read once: give `-` as a PATH or `--files-from -`, not both")
+    if args.null and args.files_from is None and "-" not in args.paths:
+        raise UsageError("--null applies to a path list: add `-` (stdin) or --files-from FILE")
+    named: list[str] = []
+    for raw in args.paths:
+        named.extend(read_path_list(sys.stdin.buffer, args.null) if raw == "-" else [raw])
+    if args.files_from == "-":
+        named.extend(read_path_list(sys.stdin.buffer, args.null))
+    elif args.files_from is not None:
+        try:
+            with open(args.files_from, "rb") as listing:
+                named.extend(read_path_list(listing, args.null))
+        except OSError as exc:
+            raise UsageError(f"cannot read the path list --files-from {args.files_from!r}: "
+                             f"{exc.strerror or exc}") from None
+    return named
 
 
 # --- settings -------------------------------------------------------------------------------
@@ -109,9 +148,10 @@ def cmd_tag(args: argparse.Namespace) -> int:
     from .engine import SiglipTagger
 
     settings = settings_from_args(args)
-    paths = list(expand_paths(args.paths, args.recursive))
+    named = input_paths(args)
+    paths = list(expand_paths(named, args.recursive))
     if not paths:
-        raise UsageError("no images found in " + ", ".join(args.paths)
+        raise UsageError("no images found in " + (", ".join(named[:5]) or "the path list")
                          + ("" if args.recursive else " (use --recursive for subfolders)"))
     if args.overwrite and not args.sidecar:
         raise UsageError("--overwrite only applies to --sidecar")
@@ -177,6 +217,10 @@ def run_tagging(tagger: Any, paths: list[str], sinks: list[Sink], *, quiet: bool
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import REGISTRY, cached_snapshot
 
+    if args.format == "json":
+        print_json([{**dataclasses.asdict(info), "min_vram_gb_fp16": info.min_vram_gb_fp16,
+                     "cached": cached_snapshot(info.id) is not None} for info in REGISTRY.values()])
+        return 0
     rows = [("id", "family", "resolution", "params", "min VRAM fp16", "cached")]
     for info in REGISTRY.values():
         rows.append((info.id, info.family, str(info.image_size or "naflex"), f"{info.params_m}M",
@@ -206,7 +250,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     profile = parse_simulation(args.simulate) if args.simulate else detect()
     info = model_info(settings.model)
-    print(format_plan(profile, plan(profile, settings, info), info))
+    chosen = plan(profile, settings, info)
+    if args.format == "json":
+        print_json({"hardware": dataclasses.asdict(profile), "model": dataclasses.asdict(info),
+                    "plan": chosen.to_dict()})
+    else:
+        print(format_plan(profile, chosen, info))
     return 0
 
 
@@ -266,6 +315,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_json(value: Any) -> None:
+    """`value` as indented JSON on stdout; sets (CPU features) become sorted lists."""
+    print(json.dumps(value, indent=2, ensure_ascii=False, default=sorted))
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -277,21 +331,61 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import FAIL, format_checks, run_checks
 
     checks = run_checks(settings_from_args(args).model)
-    print(format_checks(checks))
+    if args.format == "json":
+        print_json([dataclasses.asdict(check) for check in checks])
+    else:
+        print(format_checks(checks))
     return 1 if any(check.status == FAIL for check in checks) else 0
 
 
 # --- entry point ----------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a "did you mean" for a mistyped flag (`--treshold` -> `--threshold`)."""
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self._subcommand(getattr(parsed, "command", None))
+            hints = [hint for extra in extras if (hint := _flag_hint(extra, command or self))]
+            (command or self).error(f"unrecognized arguments: {' '.join(extras)}"
+                                    + "".join(f"\n  {hint}" for hint in hints))
+        return parsed
+
+    def _subcommand(self, name: str | None) -> argparse.ArgumentParser | None:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+                return action.choices[name]
+        return None
+
+
+def _flag_hint(extra: str, parser: argparse.ArgumentParser) -> str | None:
+    """'did you mean --x?' for an unknown `--flag` (or `--flag=value`) close to one `parser` takes."""
+    from .config import suggest
+
+    if not extra.startswith("-") or extra == "-":
+        return None
+    flag = extra.split("=", 1)[0]
+    flags = tuple(option for option in parser._option_string_actions if option.startswith("--"))
+    close = suggest(flag, flags) or suggest("--" + flag.lstrip("-"), flags)
+    return f"{flag}: did you mean {close}?" if close else None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="visual-buffet-siglip", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="visual-buffet-siglip", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_verbosity(parser, default=False)
     parser.register("action", "parsers", _SubcommandsWithVerbosity)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     tag = sub.add_parser("tag", help="tag image files and folders")
-    tag.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+    tag.add_argument("paths", nargs="*", metavar="PATH",
+                     help="image files and/or folders; `-` reads a list of them from stdin, one a line")
+    tag.add_argument("--files-from", metavar="FILE", help="also tag the paths listed in FILE, one a line "
+                     "(`-`: stdin); no command-line length limit")
+    tag.add_argument("-0", "--null", action="store_true", help="the path list is NUL-separated "
+                     "(find -print0)")
     tag.add_argument("-r", "--recursive", action="store_true", help="descend into subfolders")
     tag.add_argument("--format", choices=("json", "jsonl", "table", "parquet"), default="json",
                      help="parquet needs --output FILE and pyarrow (extra `ray`)")
@@ -316,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     tag.set_defaults(func=cmd_tag)
 
     models = sub.add_parser("models", help="list the known SigLIP checkpoints")
+    models.add_argument("--format", choices=("table", "json"), default="table")
     models.set_defaults(func=cmd_models)
 
     download = sub.add_parser("download", help="fetch a model into the Hugging Face cache")
@@ -327,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--simulate", metavar="SPEC",
                       help='plan for another machine, e.g. "cuda:name=T4,vram_gb=16,cc=7.5", '
                            '"cpu:cores=8,ram_gb=32,avx512_bf16=1", "mps:memory_gb=16"')
+    plan.add_argument("--format", choices=("text", "json"), default="text")
     _add_settings_args(plan)
     plan.set_defaults(func=cmd_plan)
 
@@ -364,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check this machine: versions, device, extras, cache, offline mode")
     doctor.add_argument("--config", metavar="FILE", help="TOML file whose [plugins.siglip] model is checked")
     doctor.add_argument("--model", help="the model to check is cached (default: the configured one)")
+    doctor.add_argument("--format", choices=("text", "json"), default="text")
     doctor.set_defaults(func=cmd_doctor)
     return parser
 
@@ -392,14 +489,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         setattr(args, option, getattr(args, option, False))
     if args.quiet and args.verbose:
         parser.error("-q/--quiet and -v/--verbose cannot be combined")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO,
-                        format="%(levelname)s: %(message)s", stream=sys.stderr)
+    configure_logging(verbose=args.verbose, quiet=args.quiet)
     if not args.verbose:
         _quiet_libraries(hub_progress=args.command == "download")
     from .models import ModelLoadError
 
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        return _stdout_gone()
     except (ConfigError, ModelLoadError, UsageError, OSError) as exc:  # OSError: an output path, a full disk
         if args.verbose:
             log.exception("failed")
@@ -414,6 +514,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what the shell reports for `yes | head -1`'s `yes`
+
+
+def _stdout_gone() -> int:
+    """The reader of stdout closed it (`| head -1`): stop quietly, as tools killed by SIGPIPE do.
+
+    stdout is pointed at /dev/null first, so the interpreter's final flush of what is
+    still buffered does not fail a second time with "Exception ignored ... BrokenPipeError".
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout replaced by something without a descriptor (tests)
+        pass
+    return SIGPIPE_EXIT
+
+
+# --- logging ---------------------------------------------------------------------------------
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (pytest swaps it between tests)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
+_handler = _StderrHandler()
+_handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+_root_level: list[int] = []  # the root logger's level before -v changed it
+
+
+def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Our package's messages to stderr at the verbosity asked for; other libraries' left at WARNING.
+
+    No basicConfig: the root logger keeps its level and handlers, so HTTP clients'
+    INFO lines ("HTTP Request: GET ...") stay out. Only -v opens the root logger,
+    at INFO (libraries' DEBUG floods, e.g. a line per PNG chunk), with our package at DEBUG.
+    Safe to call again (each call replaces the previous setup).
+    """
+    ours, root = logging.getLogger(PACKAGE_LOGGER), logging.getLogger()
+    ours.removeHandler(_handler)
+    root.removeHandler(_handler)
+    if _root_level:
+        root.setLevel(_root_level.pop())
+    ours.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO)
+    if verbose:
+        _root_level.append(root.level)
+        root.setLevel(logging.INFO)
+        root.addHandler(_handler)  # ours propagate to it: one handler, each line printed once
+    else:
+        ours.addHandler(_handler)
 
 
 def _quiet_libraries(hub_progress: bool = False) -> None:

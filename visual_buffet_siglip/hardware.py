@@ -168,7 +168,7 @@ class Plan:
         return self.reasons.get(key, "")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (for `plan --json` and reports)."""
+        """JSON-ready form (for `plan --format json` and reports)."""
         return {"device": self.device, "dtype": self.dtype, "attention": self.attention,
                 "batch_size": self.batch_size, "quantization": self.quantization,
                 "reasons": dict(self.reasons), "warnings": list(self.warnings),
