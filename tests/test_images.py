@@ -7,6 +7,7 @@ other images' confidences.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -329,10 +330,14 @@ def test_permission_denied_file(corpus):
 def test_permission_error_while_opening_is_typed(tmp_path, monkeypatch):
     path = make_image(tmp_path / "locked.png", (8, 8))
 
-    def refuse(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
+    real_open = os.open
 
-    monkeypatch.setattr(images, "open", refuse, raising=False)  # what open() does on a chmod 000 file
+    def refuse(file, *args, **kwargs):
+        if os.fspath(file) == str(path):
+            raise PermissionError(13, "Permission denied")  # what open() does on a chmod 000 file
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
     with pytest.raises(ImageError) as caught:
         load_image(path)
     assert caught.value.kind == "ImagePermissionError" and str(path) in str(caught.value)
@@ -353,14 +358,89 @@ def test_size_policy_allows_a_genuine_200mp_panorama_and_refuses_bombs():
 
 def test_pixel_limit_is_configurable_and_pil_does_not_refuse_first(tmp_path, monkeypatch):
     path = make_image(tmp_path / "forty.png", (40, 40))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # PIL's default refuses > 179 MP itself
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 700)  # PIL itself would refuse 1,600 pixels (> 2x)
     assert load_image(path).size == (40, 40)
-    assert Image.MAX_IMAGE_PIXELS >= DEFAULT_MAX_PIXELS
+    assert Image.MAX_IMAGE_PIXELS == 700, "PIL's process-wide guard is left as the host set it"
     monkeypatch.setenv(MAX_PIXELS_ENV, "1000")
     with pytest.raises(ImageError, match=r"forty\.png: 40x40 .* over the 0.001 MP limit"):
         load_image(path)
     monkeypatch.setenv(MAX_PIXELS_ENV, "lots")  # invalid: warned about, default used
     assert load_image(path).size == (40, 40)
+
+
+def test_pil_global_limit_is_never_changed_even_while_tagging(checkpoints, tmp_path, monkeypatch):
+    """The host and other plugins share PIL: their guard stays exactly as set, in every thread, at all times."""
+    big = make_image(tmp_path / "big.png", (60, 50))  # 3,000 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a host with a strict guard
+    seen: set[int | None] = set()
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.add(Image.MAX_IMAGE_PIXELS)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        records = SiglipTagger(make_settings(checkpoints["siglip"])).tag([big, big])
+    finally:
+        stop.set()
+        watcher.join()
+    assert all(TAGS in record and "error" not in record for record in records), "our 250 MP limit applies"
+    assert seen == {1000} and Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(Image.DecompressionBombError):  # the host's own opens still get its guard
+        Image.open(big)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "2000")  # and ours still refuses over its limit
+    with pytest.raises(ImageError, match="over the 0.002 MP limit"):
+        load_image(big)
+
+
+def test_opening_matches_pil_for_every_format(corpus):
+    """Our opener (PIL's registry without its global check) identifies what Image.open identifies."""
+    for name, path in corpus.items():
+        if not path.is_file() or not os.access(path, os.R_OK):  # Image.open would wait on the FIFO forever
+            continue
+        try:
+            with Image.open(path) as reference:
+                expected = (reference.format, reference.size, reference.mode)
+        except Exception:
+            continue
+        with contextlib.ExitStack() as stack:
+            opened, _ = images._open(str(path), name, stack)
+            assert (opened.format, opened.size, opened.mode) == expected, name
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_a_file_swapped_for_a_fifo_after_the_check_is_refused_not_waited_on(tmp_path, monkeypatch):
+    """The check (stat) and the open are two steps; between them a file can become a FIFO."""
+    path = tmp_path / "photo.jpg"
+    os.mkfifo(path)
+    real_stat = os.stat
+
+    def stale_stat(file, *args, **kwargs):  # what stat said a moment before the swap
+        if os.fspath(file) == str(path):
+            return os.stat_result((0o100644, 0, 0, 1, 0, 0, 4096, 0, 0, 0))
+        return real_stat(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stale_stat)
+    outcome: list[BaseException | None] = []
+
+    def attempt():
+        try:
+            load_image(path)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(20)
+    if worker.is_alive():  # blocked in open(): a writer unblocks it so the test process can end
+        os.close(os.open(path, os.O_WRONLY))
+        worker.join(5)
+        pytest.fail("opening a FIFO blocked the run")
+    [error] = outcome
+    assert isinstance(error, ImageError) and error.kind == "NotAFileError" and str(path) in str(error)
 
 
 def test_bomb_messages_name_file_and_override(corpus):

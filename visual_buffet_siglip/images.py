@@ -16,8 +16,12 @@ Size policy (real archives hold 200-megapixel panoramas *and* decompression bomb
 - images over LARGE_PIXELS decode one at a time (a lock), so parallel decode
   threads never hold several huge rasters at once, and with `draft_size` they
   are reduced right after decoding (JPEGs already decode reduced via DCT scaling).
-PIL's global MAX_IMAGE_PIXELS is raised to our limit when it is lower (never
-lowered), since PIL would otherwise refuse a genuine 180+ MP panorama itself.
+PIL's global MAX_IMAGE_PIXELS is never touched (the host and other plugins in the
+process keep their own bomb guard): our opener identifies files through PIL's
+format registry without PIL's global check, and applies our limit per call.
+
+Opening never blocks: a file swapped for a FIFO after the check is opened
+non-blocking and refused from the opened descriptor.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import logging
 import os
 import re
 import stat
+import struct
 import threading
 from pathlib import Path
 from typing import IO, Union
@@ -145,12 +150,6 @@ def _mp(pixels: int) -> str:
     return f"{pixels / 1e6:.3g}"
 
 
-def _allow_pil(limit: int) -> None:
-    """Let PIL open what our policy allows: it raises DecompressionBombError at 2x its limit."""
-    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
-        Image.MAX_IMAGE_PIXELS = limit
-
-
 # --- formats ----------------------------------------------------------------------------------
 
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
@@ -206,30 +205,79 @@ def _open(source: ImageSource, name: str, stack: contextlib.ExitStack) -> tuple[
     else:
         path = Path(source)
         try:
-            info = path.stat()  # before open(): opening a FIFO would block the run forever
+            info = path.stat()  # before opening: a device or socket is never opened at all
         except FileNotFoundError:
             raise ImageNotFoundError(f"{name}: no such file (moved or deleted?)") from None
         except PermissionError:
             raise ImagePermissionError(f"{name}: permission denied; check the permissions of the file "
                                        "and its folders") from None
-        if stat.S_ISDIR(info.st_mode):
-            raise NotAFileError(f"{name}: is a directory, not an image file")
-        if not stat.S_ISREG(info.st_mode):
-            raise NotAFileError(f"{name}: not a regular file (a device, pipe or socket); pass image files only")
-        try:
-            handle = stack.enter_context(open(path, "rb"))
-        except FileNotFoundError:
-            raise ImageNotFoundError(f"{name}: no such file (moved or deleted?)") from None
-        except PermissionError:
-            raise ImagePermissionError(f"{name}: permission denied; check the file's read permission") from None
-        size = info.st_size
+        _require_regular(name, info)
+        handle = stack.enter_context(_open_regular(path, name))
+        size = os.fstat(handle.fileno()).st_size
     if size == 0:
         raise EmptyFileError(f"{name}: the file is empty (0 bytes), often an interrupted copy; "
                              "copy it again from the original")
     try:
-        return Image.open(handle), size
+        return _identify(handle), size
     except UnidentifiedImageError:
         raise _unidentified(name, handle) from None
+
+
+def _require_regular(name: str, info: os.stat_result) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise NotAFileError(f"{name}: is a directory, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        raise NotAFileError(f"{name}: not a regular file (a device, pipe or socket); pass image files only")
+
+
+def _open_regular(path: Path, name: str) -> IO[bytes]:
+    """`path` opened for reading, refused unless the opened file itself is a regular file.
+
+    Non-blocking: a file swapped for a FIFO since it was checked would otherwise
+    block the open (and the run) until something writes to it.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ImageNotFoundError(f"{name}: no such file (moved or deleted?)") from None
+    except PermissionError:
+        raise ImagePermissionError(f"{name}: permission denied; check the file's read permission") from None
+    except OSError as exc:  # ENXIO: a socket; EISDIR where directories cannot be opened
+        raise NotAFileError(f"{name}: cannot be opened as a file ({exc.strerror or exc})") from None
+    try:
+        _require_regular(name, os.fstat(fd))
+        if flags & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _identify(handle: IO[bytes]) -> Image.Image:
+    """`Image.open` without PIL's process-wide MAX_IMAGE_PIXELS check: the same format registry,
+    the same order (preinit's common formats, then every plugin), the same errors.
+
+    Our own limit (check_size) applies to the header right after, per call, so the host's and
+    other plugins' bomb guard stays as they set it and no thread ever sees it changed.
+    """
+    prefix = handle.read(16)
+    tried: set[str] = set()
+    for register in (Image.preinit, Image.init):
+        register()
+        for format_id in [f for f in Image.ID if f not in tried]:
+            tried.add(format_id)
+            factory, accept = Image.OPEN[format_id]
+            accepted = not accept or accept(prefix)
+            if not accepted or isinstance(accepted, str):  # a str: PIL's "looks like it, but unsupported"
+                continue
+            handle.seek(0)
+            try:
+                return factory(handle, "")
+            except (SyntaxError, IndexError, TypeError, struct.error):  # not this format after all
+                continue
+    raise UnidentifiedImageError("cannot identify image file")
 
 
 # --- pixels -----------------------------------------------------------------------------------
@@ -283,7 +331,6 @@ def load_image(source: ImageSource, *, draft_size: int | None = None) -> Image.I
     """
     name = describe(source)
     limit, trusted = max_pixels()
-    _allow_pil(limit)
     try:
         with contextlib.ExitStack() as stack:
             image, file_bytes = _open(source, name, stack)
