@@ -71,7 +71,7 @@ def loads(monkeypatch) -> list[str]:
     """Model loads from here on (the shared tagger is reset first)."""
     from visual_buffet_siglip import engine, plugin
 
-    monkeypatch.setattr(plugin, "_current", None)
+    monkeypatch.setattr(plugin, "_taggers", type(plugin._taggers)())
     calls: list[str] = []
     real = engine.load
 

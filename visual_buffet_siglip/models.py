@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SIGLIP_MODEL_TYPES = ("siglip", "siglip2")
+
+# One model load at a time in the process: transformers' loading is not thread-safe (its lazy
+# module raises "cannot import name 'AutoModel'" to a second thread importing it, and two
+# concurrent from_pretrained calls have swapped weights between models).
+_LOAD_LOCK = threading.RLock()
 
 
 class ModelLoadError(RuntimeError):
@@ -271,9 +277,6 @@ def load(name: str, plan: Plan) -> LoadedModel:
     config = read_model_config(str(source))
     info = model_info(name, config=config)
 
-    import torch
-    from transformers import AutoModel, AutoProcessor, Siglip2Model
-
     if not any(source.glob("*.safetensors")):
         pickles = [p.name for p in source.glob("*.bin")] + [p.name for p in source.glob("*.pt*")]
         found = f" (found only {', '.join(pickles)})" if pickles else ""
@@ -281,6 +284,20 @@ def load(name: str, plan: Plan) -> LoadedModel:
             f"model {name!r} at {str(source)!r} has no .safetensors weights{found}. Pickle checkpoints can run "
             "arbitrary code and are refused; convert it with save_pretrained(..., safe_serialization=True) "
             "or pick a checkpoint that ships safetensors.")
+    with _LOAD_LOCK:
+        model, processor = _from_pretrained(name, source, config, plan)
+    if plan.quantization == "none":
+        model = model.to(plan.device)
+    model.eval()
+    log.info("loaded %s from %s (%s, %s, %s attention)", name, source, plan.device, plan.dtype, plan.attention)
+    return LoadedModel(model, processor, info, source, fingerprint(source), plan)
+
+
+def _from_pretrained(name: str, source: Path, config: dict[str, Any], plan: Plan) -> tuple[Any, Any]:
+    """Model and processor from `source` (the caller holds _LOAD_LOCK)."""
+    import torch
+    from transformers import AutoModel, AutoProcessor, Siglip2Model
+
     kwargs: dict[str, Any] = {
         "use_safetensors": True, "trust_remote_code": False, "local_files_only": True,
         "dtype": getattr(torch, plan.dtype), "attn_implementation": plan.attention,
@@ -296,11 +313,7 @@ def load(name: str, plan: Plan) -> LoadedModel:
         processor = AutoProcessor.from_pretrained(str(source), trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"cannot load model {name!r} from {str(source)!r}: {exc}") from exc
-    if plan.quantization == "none":
-        model = model.to(plan.device)
-    model.eval()
-    log.info("loaded %s from %s (%s, %s, %s attention)", name, source, plan.device, plan.dtype, plan.attention)
-    return LoadedModel(model, processor, info, source, fingerprint(source), plan)
+    return model, processor
 
 
 __all__ = ["ModelLoadError", "ModelInfo", "LoadedModel", "REGISTRY", "load", "download", "model_info",

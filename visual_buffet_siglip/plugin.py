@@ -1,12 +1,15 @@
 """Thin pluggy hookimpls. Importing this module is cheap: no torch, no model.
 
-The tagger is created on first use and reused while the settings that shape the
-model stay the same; threshold, max_tags and labels changes reuse it as is.
+Taggers are created on first use and reused while the settings that shape the
+model stay the same; threshold, max_tags and labels changes reuse one as is. The
+last few model settings used keep their tagger (least recently used dropped
+first), so a host alternating between two models does not reload on every call.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,20 +25,30 @@ RECOMMENDED_THRESHOLD = 0.01
 HARDWARE = {"gpu_recommended": True, "gpu_required": False, "min_ram_gb": 4, "min_vram_gb": 2}
 DESCRIPTION = "SigLIP / SigLIP 2 zero-shot image tagging with calibrated sigmoid confidences"
 
+TAGGERS_KEPT = 3  # models held at once: each one is its full weights in memory
+
 _lock = threading.Lock()
-_current: tuple[tuple[Any, ...], SiglipTagger] | None = None
+_taggers: OrderedDict[tuple[Any, ...], SiglipTagger] = OrderedDict()
 
 
 def tagger_for(settings: Settings) -> SiglipTagger:
-    """The shared tagger for `settings`' model key; replaced (and the old model freed) when it changes."""
-    global _current
+    """The shared tagger for `settings`' model key, from a small LRU cache.
+
+    Creating a tagger is cheap (the model loads on first use, serialised process-wide
+    by models.load); the least recently used one is dropped, and its model freed once
+    no call still holds it.
+    """
     key = settings.model_key()
     with _lock:
-        if _current is None or _current[0] != key:
+        tagger = _taggers.get(key)
+        if tagger is None:
             from .engine import SiglipTagger
 
-            _current = (key, SiglipTagger(settings))
-        return _current[1]
+            tagger = _taggers[key] = SiglipTagger(settings)
+            while len(_taggers) > TAGGERS_KEPT:
+                _taggers.popitem(last=False)
+        _taggers.move_to_end(key)
+        return tagger
 
 
 @hookimpl
