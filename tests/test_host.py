@@ -346,3 +346,32 @@ def test_host_command_line_uses_our_plugin_after_install(host, host_config, chec
     ours = host_tags()
     assert ours["model"] == str(checkpoints["siglip"]) and ours["version"] == __version__
     assert len(ours["tags"]) == 3 and all(set(t) == {"label", "confidence"} for t in ours["tags"])
+
+
+def test_uninstall_deletes_only_the_files_it_wrote(host, capsys):
+    plugins = host / "plugins"
+    original = snapshot(plugins / "siglip")
+    hostinstall.install(host)
+    notes = plugins / "siglip" / "my-notes.txt"
+    notes.write_text("settings I tried")
+    assert cli.main(["install-into-host", str(host), "--uninstall"]) == 2
+    err = capsys.readouterr().err
+    assert "my-notes.txt" in err and "nothing was changed" in err
+    assert notes.read_text() == "settings I tried" and (plugins / "siglip" / "__init__.py").is_file()
+    assert len(hostinstall.backups(plugins)) == 1
+
+    notes.unlink()
+    (plugins / "siglip" / "__pycache__").mkdir()  # what the host's import of our __init__.py leaves
+    (plugins / "siglip" / "__pycache__" / "__init__.cpython-311.pyc").write_bytes(b"\0")
+    assert cli.main(["install-into-host", str(host), "--uninstall"]) == 0
+    assert snapshot(plugins / "siglip") == original
+
+
+def test_undo_hint_is_quoted_for_a_path_with_spaces(tmp_path, capsys):
+    import shlex
+
+    host = Path(shutil.copytree(STANDIN, tmp_path / "my photos" / "visual buffet"))
+    assert cli.main(["install-into-host", str(host)]) == 0
+    out = capsys.readouterr().out
+    hint = out[out.index("Undo: ") + len("Undo: "):].split("\n")[0]
+    assert shlex.split(hint) == ["visual-buffet-siglip", "install-into-host", str(host), "--uninstall"]

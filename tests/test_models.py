@@ -69,6 +69,47 @@ def test_pickle_checkpoints_are_refused(tmp_path, checkpoints):
         SiglipTagger(make_settings(folder)).tag([])
 
 
+def damaged(tmp_path, checkpoint, how: str):
+    folder = tmp_path / how
+    shutil.copytree(checkpoint, folder)
+    weights = folder / "model.safetensors"
+    config = json.loads((folder / "config.json").read_text())
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "reshaped":
+        config["vision_config"]["intermediate_size"] = config["vision_config"]["intermediate_size"] + 8
+    elif how == "absurd":
+        config["vision_config"]["hidden_size"] = 10**7
+        config["text_config"]["vocab_size"] = -1
+    elif how == "no-tokenizer":
+        for name in ("tokenizer.json", "spiece.model", "tokenizer.model"):
+            (folder / name).unlink(missing_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+@pytest.mark.parametrize("how, expected", [
+    ("truncated", r"model\.safetensors in '.*truncated' is damaged or truncated"),
+    ("reshaped", r"the weights in '.*reshaped' do not fit its config\.json"),
+    ("absurd", r"vision_config\.hidden_size = 10000000 .*text_config\.vocab_size = -1"),
+    ("no-tokenizer", r"'.*no-tokenizer' has no tokenizer \(none of tokenizer\.json, spiece\.model"),
+])
+def test_broken_checkpoints_say_what_is_wrong_and_where(tmp_path, checkpoints, family, how, expected):
+    from visual_buffet_siglip.engine import SiglipTagger
+
+    folder = damaged(tmp_path, checkpoints[family], how)
+    with pytest.raises(ModelLoadError, match=expected) as caught:
+        SiglipTagger(make_settings(folder)).tag([])
+    assert "model_file or model_proto" not in str(caught.value)
+
+
+def test_absurd_sizes_are_refused_by_the_planner_too(tmp_path, checkpoints):
+    folder = damaged(tmp_path, checkpoints["siglip"], "absurd")
+    with pytest.raises(ModelLoadError, match="sizes no SigLIP checkpoint has"):
+        info_from_config(str(folder), json.loads((folder / "config.json").read_text()))
+
+
 def _fake_hub_cache(root, repo_id, checkpoint):
     """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/...}."""
     repo = root / ("models--" + repo_id.replace("/", "--"))

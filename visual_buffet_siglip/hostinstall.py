@@ -3,15 +3,17 @@
 Nothing outside the host's `plugins/` folder is written. A `plugins/siglip` that is
 not ours is renamed to `plugins/.siglip.backup-YYYYmmdd-HHMMSS`, never deleted: the
 host's scan skips dot-folders, so it never finds two plugins named "siglip".
-`--uninstall` removes our folder (only when its `__init__.py` carries our marker)
-and renames the newest backup back, so the host's plugin returns byte for byte.
+`--uninstall` removes the files we wrote (only when `__init__.py` carries our marker,
+and only when the folder holds nothing else: a file someone added there stops it
+before anything changes) and renames the newest backup back, so the host's plugin
+returns byte for byte.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
+import shlex
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -23,6 +25,8 @@ MARKER = "installed by visual-buffet-siglip install-into-host"
 BACKUP_PREFIX = f".{PLUGIN_NAME}.backup-"
 _BACKUP = re.compile(re.escape(BACKUP_PREFIX) + r"(\d{8}-\d{6})(?:-(\d+))?")
 HOST_FILES = ("src/visual_buffet/plugins/base.py", "plugins")
+WRITTEN = ("__init__.py", "plugin.toml")  # what install writes into plugins/siglip
+_BYTECODE = re.compile(r"__init__\.[\w-]+\.pyc")  # what the host's import of our __init__.py leaves
 
 
 class HostInstallError(Exception):
@@ -89,7 +93,7 @@ def install(host: str | os.PathLike[str], now: datetime | None = None) -> list[s
     done.append("the host now runs visual-buffet-siglip for `-p siglip` (in a Python environment where "
                 "visual-buffet-siglip is installed); settings come from [plugins.siglip] in "
                 "$VISUAL_BUFFET_CONFIG or ~/.config/visual-buffet/config.toml. Undo: "
-                f"visual-buffet-siglip install-into-host {host} --uninstall")
+                f"visual-buffet-siglip install-into-host {shlex.quote(str(host))} --uninstall")
     return done
 
 
@@ -103,12 +107,17 @@ def uninstall(host: str | os.PathLike[str]) -> list[str]:
     if present and not is_ours(target):
         raise HostInstallError(f"{target} was not written by visual-buffet-siglip (its __init__.py lacks the "
                                "marker line), so it is left alone; nothing was changed")
+    foreign = _not_written_by_us(target) if present else []
+    if foreign:
+        raise HostInstallError(f"{target} also holds files visual-buffet-siglip did not write: "
+                               f"{', '.join(foreign)}; nothing was changed. Move them elsewhere and run "
+                               "--uninstall again")
     if not present and not found:
         raise HostInstallError(f"nothing to uninstall: {plugins} has neither our {PLUGIN_NAME} folder nor a "
                                f"{BACKUP_PREFIX}* backup")
     try:
         if present:
-            shutil.rmtree(target)
+            _remove_ours(target)
             done.append(f"removed visual-buffet-siglip's {target}")
         if found:
             found[-1].rename(target)
@@ -121,6 +130,32 @@ def uninstall(host: str | os.PathLike[str]) -> list[str]:
         done.append(f"left {len(found) - 1} older backup(s) in place: "
                     + ", ".join(path.name for path in found[:-1]))
     return done
+
+
+def _not_written_by_us(target: Path) -> list[str]:
+    """Entries of our plugin folder that install did not write (nor the host's bytecode of our __init__)."""
+    foreign = []
+    for entry in sorted(target.iterdir()):
+        if entry.name in WRITTEN and entry.is_file() and not entry.is_symlink():
+            continue
+        if entry.name == "__pycache__" and entry.is_dir() and not entry.is_symlink():
+            foreign += [f"__pycache__/{pyc.name}" for pyc in sorted(entry.iterdir())
+                        if not (_BYTECODE.fullmatch(pyc.name) and pyc.is_file())]
+            continue
+        foreign.append(entry.name)
+    return foreign
+
+
+def _remove_ours(target: Path) -> None:
+    """Delete what install wrote (checked by _not_written_by_us first), then the emptied folder."""
+    cache = target / "__pycache__"
+    if cache.is_dir():
+        for pyc in cache.iterdir():
+            pyc.unlink()
+        cache.rmdir()
+    for name in WRITTEN:
+        (target / name).unlink(missing_ok=True)
+    target.rmdir()  # fails, deleting nothing more, if something appeared meanwhile
 
 
 def _free_backup(plugins: Path, now: datetime) -> Path:

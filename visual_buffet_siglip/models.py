@@ -28,6 +28,7 @@ SIGLIP_MODEL_TYPES = ("siglip", "siglip2")
 # module raises "cannot import name 'AutoModel'" to a second thread importing it, and two
 # concurrent from_pretrained calls have swapped weights between models).
 _LOAD_LOCK = threading.RLock()
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model")  # SigLIP 2 (Gemma), SigLIP v1
 
 
 class ModelLoadError(RuntimeError):
@@ -149,6 +150,7 @@ def info_from_config(name: str, config: dict[str, Any]) -> ModelInfo:
     if model_type not in SIGLIP_MODEL_TYPES:
         raise ModelLoadError(f"model {name!r} is a {model_type or 'unknown'!s} model, not SigLIP or SigLIP 2; "
                              "this plugin only runs SigLIP checkpoints (`visual-buffet-siglip models` lists them)")
+    check_config_sizes(name, config)
     vision = config.get("vision_config") or {}
     width = int(vision.get("hidden_size", 768))
     layers = int(vision.get("num_hidden_layers", 12))
@@ -166,6 +168,33 @@ def info_from_config(name: str, config: dict[str, Any]) -> ModelInfo:
         patch_size=int(vision.get("patch_size", 16)),
         params_m=max(1, vision_params + t_params), vision_params_m=max(1, vision_params),
         vision_width=width, vision_layers=layers, in_registry=False)
+
+
+# Bounds far beyond any SigLIP checkpoint (giant: width 1536, 40 layers; Gemma vocabulary 256k),
+# yet low enough that a damaged or hostile config.json is refused before memory is planned for it.
+CONFIG_BOUNDS = {"hidden_size": 16384, "intermediate_size": 65536, "num_hidden_layers": 256,
+                 "num_attention_heads": 256, "vocab_size": 2_000_000, "image_size": 8192, "patch_size": 1024,
+                 "num_patches": 65536, "max_position_embeddings": 65536}
+
+
+def check_config_sizes(name: str, config: dict[str, Any]) -> None:
+    """Refuse a config.json whose sizes no real checkpoint has (damaged, edited or hostile)."""
+    problems = []
+    for part in ("vision_config", "text_config"):
+        section = config.get(part) or {}
+        if not isinstance(section, dict):
+            problems.append(f"{part} is {type(section).__name__}, not a table")
+            continue
+        for key, bound in CONFIG_BOUNDS.items():
+            value = section.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound:
+                problems.append(f"{part}.{key} = {value!r} (expected a whole number from 1 to {bound:,})")
+    if problems:
+        raise ModelLoadError(f"model {name!r}: its config.json has sizes no SigLIP checkpoint has: "
+                             f"{'; '.join(problems)}. The file is damaged or was edited; download the model again "
+                             "or restore config.json")
 
 
 # --- locating files ---------------------------------------------------------------------------
@@ -275,6 +304,7 @@ def load(name: str, plan: Plan) -> LoadedModel:
     """Load model + processor for `plan`: safetensors only, never remote code."""
     source = resolve_source(name)  # before importing transformers (seconds), so a missing model fails fast
     config = read_model_config(str(source))
+    check_config_sizes(name, config)
     info = model_info(name, config=config)
 
     if not any(source.glob("*.safetensors")):
@@ -284,6 +314,11 @@ def load(name: str, plan: Plan) -> LoadedModel:
             f"model {name!r} at {str(source)!r} has no .safetensors weights{found}. Pickle checkpoints can run "
             "arbitrary code and are refused; convert it with save_pretrained(..., safe_serialization=True) "
             "or pick a checkpoint that ships safetensors.")
+    if not any((source / tokenizer).is_file() for tokenizer in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"model {name!r} at {str(source)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "the labels cannot be encoded without it. Save it beside the weights "
+            "(processor.save_pretrained(folder)) or download the whole checkpoint again.")
     with _LOAD_LOCK:
         model, processor = _from_pretrained(name, source, config, plan)
     if plan.quantization == "none":
@@ -313,7 +348,40 @@ def _from_pretrained(name: str, source: Path, config: dict[str, Any], plan: Plan
         processor = AutoProcessor.from_pretrained(str(source), trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"cannot load model {name!r} from {str(source)!r}: {exc}") from exc
+    except Exception as exc:  # safetensors' SafetensorError, transformers' size-mismatch RuntimeError
+        raise _weights_error(name, source, exc) from exc
     return model, processor
+
+
+def _weights_error(name: str, source: Path, exc: Exception) -> Exception:
+    """A clear ModelLoadError for weights that cannot be read or do not fit config.json; else `exc` itself."""
+    fix = (f"download it again (`visual-buffet-siglip download {name}`) or re-save the checkpoint"
+           if name in REGISTRY or not Path(os.path.expanduser(name)).is_dir() else "re-save the checkpoint")
+    if type(exc).__name__ == "SafetensorError":
+        broken = _unreadable_weights(source)
+        where = ", ".join(broken) if broken else "its .safetensors files"
+        return ModelLoadError(f"cannot load model {name!r}: {where} in {str(source)!r} is damaged or truncated "
+                              f"({exc}); {fix}")
+    if isinstance(exc, RuntimeError) and "mismatch" in str(exc):
+        return ModelLoadError(f"cannot load model {name!r}: the weights in {str(source)!r} do not fit its "
+                              f"config.json (tensor shapes differ: config.json edited, or weights from another "
+                              f"model); {fix}")
+    return exc
+
+
+def _unreadable_weights(source: Path) -> list[str]:
+    """The .safetensors files in `source` whose header or size is broken."""
+    from safetensors import safe_open
+
+    broken = []
+    for path in sorted(source.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as weights:
+                for key in weights.keys():
+                    weights.get_slice(key)
+        except Exception:
+            broken.append(path.name)
+    return broken
 
 
 __all__ = ["ModelLoadError", "ModelInfo", "LoadedModel", "REGISTRY", "load", "download", "model_info",
