@@ -3,7 +3,8 @@
 No model hub is reachable in tests, so each family is rebuilt from its config
 class with a tokenizer trained on the fly, saved with `save_pretrained`, and
 loaded back through the same code path users take. `shape="tiny"` keeps tests
-fast; "small" has widths 4-bit CPU kernels accept (multiples of 64); "base" and "so400m" reproduce the real vision/text sizes for benchmarks.
+fast; "small" has widths 4-bit CPU kernels accept (multiples of 64); "base" and "so400m"
+reproduce the real vision/text sizes for benchmarks.
 """
 
 from __future__ import annotations

@@ -320,7 +320,8 @@ def test_discovery_mode_scores_candidates_from_other_plugins(host, host_config, 
     engine.tag_image(images[1], ["siglip"], {"siglip": options})
     assert encoded == []  # every candidate was seen before: no text encoding at all
 
-    without_florence = engine.tag_image(images[1], ["siglip"], {"siglip": {**options, "use_florence_2": False}})["siglip"]
+    without_florence = engine.tag_image(images[1], ["siglip"],
+                                        {"siglip": {**options, "use_florence_2": False}})["siglip"]
     assert {label for label, _ in as_pairs(without_florence)} == {"mountain", "dog", "golden retriever", "beach"}
     plain = engine.tag_image(images[1], ["siglip"], {"siglip": {**options, "discovery_mode": False}})["siglip"]
     assert {label for label, _ in as_pairs(plain)} == {"mountain", "dog"} and "discovery" not in plain.metadata

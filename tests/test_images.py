@@ -146,7 +146,7 @@ CASES = {
     "empty.jpg": (write(b""), "EmptyFileError"),
     "truncated.jpg": (truncated_jpeg, "ImageDecodeError"),
     "random-bytes.jpg": (write(np.random.default_rng(1).bytes(4096)), "ImageDecodeError"),
-    "notes.txt": (write("shopping list: milk, eggs\n".encode()), "ImageDecodeError"),
+    "notes.txt": (write(b"shopping list: milk, eggs\n"), "ImageDecodeError"),
     "a folder.jpg": (directory, "NotAFileError"),
     "missing.jpg": (None, "ImageNotFoundError"),
     "pipe.png": (fifo, "NotAFileError"),

@@ -163,6 +163,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
             log.info("nothing to do: every image is already in %s", args.output)
             return 0
     with contextlib.ExitStack() as stack:
+        tagger: Any  # a SiglipTagger, or a RayTagger with the same iter_tag
         if args.ray or args.ray_address or args.actors is not None:
             from .distributed import cli_tagger
 

@@ -271,12 +271,13 @@ def tag_dataset(dataset: ray.data.Dataset, settings: Settings | Mapping[str, Any
     log.info("Ray: %d actor(s), %g CPU and %g GPU each (%s)", shape.actors, shape.num_cpus, shape.num_gpus,
              "; ".join(f"{k}: {v}" for k, v in shape.reasons.items()))
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    options: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
     return dataset.map_batches(
         TagBatches, fn_constructor_kwargs={"settings": actor_settings(settings), "embeddings": embeddings},
         batch_size=batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=shape.actors),
         num_cpus=shape.num_cpus, num_gpus=shape.num_gpus,
-        **({"runtime_env": {"env_vars": env}} if env else {}))
+        **options)
 
 
 # --- the CLI's view: SiglipTagger.iter_tag on Ray ----------------------------------------------

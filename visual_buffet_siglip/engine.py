@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -367,8 +367,9 @@ class SiglipTagger:
         loaded = self.loaded
         dtype = loaded.model.dtype
         inputs = {}
-        for key in chunk[0].inputs:
-            tensor = torch.cat([item.inputs[key] for item in chunk]).to(self._device)
+        batch = [cast("dict[str, torch.Tensor]", item.inputs) for item in chunk]  # decoded images only
+        for key in batch[0]:
+            tensor = torch.cat([item_inputs[key] for item_inputs in batch]).to(self._device)
             inputs[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         with self._model_lock, torch.inference_mode():
             features = _pooled(loaded.model.get_image_features(**inputs))
@@ -400,9 +401,9 @@ class SiglipTagger:
         label_list = list(normalize_labels(labels)) if labels is not None else list(self.settings.label_set)
         scorer = _Scorer(self.loaded.model, self.embed_texts(label_list))
         for batch in self._batches(images):
-            good = [item for item in batch if item.vector is not None]
-            rows = dict(zip((item.index for item in good),
-                            scorer(np.stack([item.vector for item in good])))) if good else {}
+            good = [(item.index, item.vector) for item in batch if item.vector is not None]
+            rows = dict(zip((index for index, _ in good),
+                            scorer(np.stack([vector for _, vector in good])))) if good else {}
             for item in batch:
                 yield item, self.record_scores(item, label_list, rows.get(item.index),
                                                threshold=threshold, max_tags=max_tags)
@@ -410,7 +411,7 @@ class SiglipTagger:
     def record(self, item: ImageEmbedding, labels: Sequence[str], text: np.ndarray, *,
                threshold: float | None = None, max_tags: int | None = None) -> dict[str, Any]:
         """The output-contract record for one image embedding against a label set."""
-        scores = None if item.error is not None else self.score(item.vector[None, :], text)[0]
+        scores = None if item.error is not None or item.vector is None else self.score(item.vector[None, :], text)[0]
         return self.record_scores(item, labels, scores, threshold=threshold, max_tags=max_tags)
 
     def record_scores(self, item: ImageEmbedding, labels: Sequence[str], scores: np.ndarray | None, *,
@@ -418,6 +419,7 @@ class SiglipTagger:
         """`record` from this image's row of `score` (re-tagging scores many images per call)."""
         if item.error is not None:
             return {"tags": [], "error": item.error}
+        assert scores is not None, "an image without an error has scores"
         if not np.isfinite(scores).all():
             message = (f"{describe(item.source)}: the model produced non-finite scores "
                        f"(dtype {self.plan.dtype}); set dtype = \"float32\"")
@@ -439,7 +441,7 @@ class SiglipTagger:
 def select_tags(labels: Sequence[str], scores: np.ndarray, threshold: float, max_tags: int
                 ) -> list[dict[str, Any]]:
     """Labels scoring >= threshold, by confidence descending then label, at most max_tags."""
-    keep = [(float(scores[i]), labels[i]) for i in np.flatnonzero(scores >= threshold)]
+    keep = [(float(scores[i]), labels[int(i)]) for i in np.flatnonzero(scores >= threshold)]
     keep.sort(key=lambda pair: (-pair[0], pair[1]))
     return [{"label": label, "confidence": conf} for conf, label in keep[:max_tags]]
 
@@ -465,7 +467,7 @@ def _fixed_resize(loaded: LoadedModel) -> tuple[tuple[int, int], int] | None:
             or getattr(processor, "do_center_crop", False) or getattr(processor, "do_pad", False) \
             or getattr(processor, "resample", None) is None:
         return None
-    return (int(width), int(height)), int(processor.resample)
+    return (int(width), int(height)), int(processor.resample)  # type: ignore[attr-defined]
 
 
 def _pooled(output: Any) -> torch.Tensor:

@@ -110,6 +110,7 @@ class Reasons(Mapping[str, str]):
     """An immutable, hashable str -> str mapping (keeps `Plan` hashable)."""
 
     __slots__ = ("_items",)
+    _items: tuple[tuple[str, str], ...]
 
     def __init__(self, items: Mapping[str, str] | Any = ()):
         pairs = items.items() if isinstance(items, Mapping) else items
@@ -221,7 +222,7 @@ def _detect_cpu() -> CpuInfo:
 
 
 def _cpu_model_and_features() -> tuple[str, frozenset[str]]:
-    model, flags = "", set()
+    model, flags = "", set[str]()
     text = _read("/proc/cpuinfo") or ""
     for line in text.splitlines():
         key, _, value = line.partition(":")
@@ -657,7 +658,8 @@ def _check_fit(profile: HardwareProfile, settings: Settings, model: ModelInfo, d
                    f"but {where} has {total:.1f} GB")
     elif _gpu_budget(free, weights) < 0:
         problem = (f"model {model.id} needs ~{weights:.1f} GB for its weights at {precision} plus "
-                   f"~{CUDA_CONTEXT_GB:.1f} GB for the runtime (CUDA context, workspaces) and a {HEADROOM:.0%} margin, but {where} "
+                   f"~{CUDA_CONTEXT_GB:.1f} GB for the runtime (CUDA context, workspaces) and a {HEADROOM:.0%} margin, "
+                   f"but {where} "
                    f"has only {free:.1f} GB free of {total:.1f} GB (other processes hold the rest)")
     else:
         return

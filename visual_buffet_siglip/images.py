@@ -36,14 +36,14 @@ import stat
 import struct
 import threading
 from pathlib import Path
-from typing import IO, Union
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
-ImageSource = Union[str, os.PathLike, bytes, Image.Image]
+ImageSource = str | os.PathLike | bytes | Image.Image
 
 MAX_PIXELS_ENV = "VISUAL_BUFFET_SIGLIP_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 250_000_000

@@ -56,7 +56,7 @@ class ImageReadAhead:
             self._streak = self._streak + 1 if folder == self._folder else 1
             self._folder = folder
             key = _key(path)
-            if key in self._cache:
+            if key is not None and key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
             extra = min(tagger.batch_size - 1, self._streak - 1) if key is not None else 0

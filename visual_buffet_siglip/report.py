@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from .fileio import write_atomic
+from .outputs import Sink
 
 __all__ = ["DEFAULT_TITLE", "SLIDER_MAX", "SLIDER_MIN", "build_report", "read_records", "write_report"]
 
@@ -762,7 +763,7 @@ footer { color: var(--muted); font-size: 12px; padding: 0 24px 24px; }
 REPORT_FLOOR = SLIDER_MIN
 
 
-class ReportSink:
+class ReportSink(Sink):
     """Collects a `tag` run's outcomes, re-scored down to the slider's floor, into an HTML report.
 
     Re-scoring costs one small matrix product per image: the label embeddings

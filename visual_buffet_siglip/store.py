@@ -189,7 +189,7 @@ def writer_for_tag(path: str | os.PathLike[str], tagger: SiglipTagger, *, reques
     check_compatible(store, tagger)
     stored: set[str] = set()
     end = store.data_start
-    for chunk, end in store.frames():
+    for chunk, end in store.frames():  # noqa: B007 - `end` is read after the loop
         stored.update(os.path.abspath(name) for name in chunk.paths)
     handle = open(store.path, "r+b")
     handle.truncate(end)

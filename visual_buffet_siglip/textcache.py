@@ -136,7 +136,7 @@ class DiskLabelStore:
         self.lock_path = self.folder / f"{name}.lock"
         self._lock = threading.Lock()
         self._disabled: str | None = None
-        self._warned: set[tuple[Any, ...]] = set()
+        self._warned: set[tuple[Any, ...] | None] = set()
 
     @property
     def enabled(self) -> bool:
