@@ -148,8 +148,7 @@ def photos(tmp_path) -> list[Path]:
 
 
 def tag_sidecars(paths, model_args, *extra) -> int:
-    return cli.main(["tag", *map(str, paths), "--format", "jsonl", "-o", os.devnull, "--sidecar", *extra,
-                     *model_args])
+    return cli.main(["tag", *map(str, paths), "--format", "jsonl", "--sidecar", *extra, *model_args])
 
 
 def test_sidecars_in_the_hosts_layout(photos, model_args, tmp_path):
@@ -193,7 +192,7 @@ def test_sidecar_writes_are_atomic(photos, model_args, monkeypatch, tmp_path):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(outputs.os, "replace", crash)
-    assert tag_sidecars([beach], model_args) == 0  # the run goes on; the failure is logged
+    assert tag_sidecars([beach], model_args) == 1  # the run goes on; the failure is logged and exits 1
     assert sidecar_path(str(beach)).read_text() == '{"results": {}}', "the old sidecar is intact"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["beach.png", "beach_tags.json", "dog.png"]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -19,8 +18,11 @@ from typing import IO, Any
 
 from . import __version__
 from .config import ConfigError, Settings, load_settings
+from .fileio import ReplacingOutput
 from .images import IMAGE_SUFFIXES
-from .outputs import Sink, StreamSink, UsageError
+from .locks import exclusive
+from .outputs import Sink, StreamSink, UsageError, json_text, path_key
+from .targets import Target, check_targets
 
 __all__ = ["main", "build_parser", "expand_paths", "run_tagging", "settings_from_args", "Sink", "UsageError"]
 
@@ -28,31 +30,35 @@ log = logging.getLogger("visual_buffet_siglip")
 
 # --- inputs ---------------------------------------------------------------------------------
 
-def expand_paths(paths: Sequence[str], recursive: bool = False) -> Iterator[str]:
+def expand_paths(paths: Sequence[str], recursive: bool = False,
+                 unreadable: list[str] | None = None) -> Iterator[str]:
     """Image paths from files and directories, as the user named them, sorted within each directory.
 
     A named file is always included (a bad one becomes an error record); inside
     directories only files with image suffixes count. Streams, so 100,000 files
-    never sit in one list.
+    never sit in one list. A folder that cannot be listed is logged as an error
+    and appended to `unreadable`, so the run can exit 1.
     """
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            yield from _walk(path, recursive)
+            yield from _walk(path, recursive, unreadable)
         else:
             yield raw
 
 
-def _walk(folder: Path, recursive: bool) -> Iterator[str]:
+def _walk(folder: Path, recursive: bool, unreadable: list[str] | None) -> Iterator[str]:
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as exc:
-        log.warning("cannot list %s: %s", folder, exc)
+        log.error("cannot list folder %s (%s); its images are not tagged", folder, exc.strerror or exc)
+        if unreadable is not None:
+            unreadable.append(str(folder))
         return
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
             if recursive and not entry.name.startswith("."):
-                yield from _walk(Path(entry.path), recursive)
+                yield from _walk(Path(entry.path), recursive, unreadable)
         elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and not entry.name.startswith("."):
             yield os.path.join(str(folder), entry.name)
 
@@ -98,9 +104,28 @@ def _batch_size(text: str) -> int | str:
 
 # --- output ---------------------------------------------------------------------------------
 
-def open_output(stack: contextlib.ExitStack, path: str | None, append: bool = False) -> IO[str]:
-    """`path` opened for writing or appending (closed with `stack`), or stdout when no path is given."""
-    return stack.enter_context(open(path, "a" if append else "w", encoding="utf-8")) if path else sys.stdout
+def open_output(stack: contextlib.ExitStack, path: str | None, append: bool = False) -> IO[str] | ReplacingOutput:
+    """Where records go: stdout when no path is given, else `path`, replaced (or appended to) only at the first
+    record, so a run that fails before it leaves the previous file whole. Closed with `stack`."""
+    if not path:
+        return sys.stdout
+    output = ReplacingOutput(path, append=append)
+    stack.callback(output.close)
+    return output
+
+
+# --- commands -------------------------------------------------------------------------------
+
+def _tag_targets(args: argparse.Namespace) -> list[Target]:
+    targets = []
+    if args.output:
+        targets.append(Target(args.output, "parquet" if args.format == "parquet" else "results", "-o/--output",
+                              replace=not args.resume))  # resume appends, after read_done checked every line
+    if args.report:
+        targets.append(Target(args.report, "report", "--report"))
+    if args.save_embeddings:
+        targets.append(Target(args.save_embeddings, "store", "--save-embeddings", replace=False))
+    return targets
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -109,20 +134,39 @@ def cmd_tag(args: argparse.Namespace) -> int:
     from .engine import SiglipTagger
 
     settings = settings_from_args(args)
-    paths = list(expand_paths(args.paths, args.recursive))
+    unreadable: list[str] = []
+    paths = list(expand_paths(args.paths, args.recursive, unreadable))
     if not paths:
         raise UsageError("no images found in " + ", ".join(args.paths)
                          + ("" if args.recursive else " (use --recursive for subfolders)"))
     if args.overwrite and not args.sidecar:
         raise UsageError("--overwrite only applies to --sidecar")
-    if args.resume:
-        from .outputs import remaining_paths
-
-        requested, paths = paths, remaining_paths(paths, args.output, args.format)
-        if not paths:
-            log.info("nothing to do: every image is already in %s", args.output)
-            return 0
+    if args.resume and (args.output is None or args.format != "jsonl"):
+        raise UsageError("--resume needs --output FILE --format jsonl: it reads FILE back to skip the images "
+                         "already tagged and appends the others")
+    targets = _tag_targets(args)
+    check_targets(targets, [*paths, settings.labels_file, args.config], force=args.force)
     with contextlib.ExitStack() as stack:
+        for target in targets:  # one writer per output: a second run is refused, naming this one's PID
+            stack.enter_context(exclusive(target.path))
+        contents, embed_first = None, []
+        if args.save_embeddings:
+            from .store import check_new, read_contents
+
+            if args.resume:
+                contents = read_contents(args.save_embeddings)
+            else:
+                check_new(args.save_embeddings)
+        if args.resume:
+            from .outputs import remaining_paths
+
+            requested, paths = paths, remaining_paths(paths, args.output, args.format)
+            if args.save_embeddings:  # images in the output whose store rows were lost: embedded first
+                stored, pending = contents.stored if contents else set(), set(paths)
+                embed_first = [p for p in requested if p not in pending and path_key(p) not in stored]
+            if not paths and not embed_first:
+                log.info("nothing to do: every image is already in %s", args.output)
+                return 1 if unreadable else 0
         if args.ray or args.ray_address or args.actors is not None:
             from .distributed import cli_tagger
 
@@ -135,15 +179,16 @@ def cmd_tag(args: argparse.Namespace) -> int:
             sinks: list[Sink] = [parquet_sink(args.output)]
         else:
             sinks = [StreamSink(open_output(stack, args.output, append=args.resume), args.format)]
+        sidecars = None
         if args.sidecar:
             from .outputs import SidecarSink
 
-            sinks.append(SidecarSink(overwrite=args.overwrite))
+            sidecars = SidecarSink(overwrite=args.overwrite)
+            sinks.append(sidecars)
         if args.save_embeddings:
             from .store import writer_for_tag
 
-            sinks.append(writer_for_tag(args.save_embeddings, tagger, todo=paths,
-                                        requested=requested if args.resume else None))
+            sinks.append(writer_for_tag(args.save_embeddings, tagger, contents=contents, embed_first=embed_first))
         if args.report:
             from .report import ReportSink
 
@@ -151,7 +196,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
         failed = run_tagging(tagger, paths, sinks, quiet=args.quiet)
     if failed:
         log.warning("%d of %d images failed; their errors are in the output", failed, len(paths))
-    return 1 if failed else 0
+    return 1 if failed or unreadable or (sidecars and sidecars.failed) else 0
 
 
 def run_tagging(tagger: Any, paths: list[str], sinks: list[Sink], *, quiet: bool = False,
@@ -213,6 +258,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import read_records, write_report
 
+    check_targets([Target(args.output, "report", "-o/--output")], [args.results], force=args.force)
     try:
         records = read_records(Path(args.results))
     except (OSError, ValueError) as exc:
@@ -239,7 +285,12 @@ def cmd_retag(args: argparse.Namespace) -> int:
     from .retag import retag
     from .store import EmbeddingStore
 
-    records = retag(EmbeddingStore(args.store), SiglipTagger(settings_from_args(args)))
+    settings = settings_from_args(args)
+    if args.output:
+        check_targets([Target(args.output, "results", "-o/--output")],
+                      [args.store, settings.labels_file, args.config], force=args.force)
+    store = EmbeddingStore(args.store)
+    records = retag(store, SiglipTagger(settings))
     failed = total = 0
     with contextlib.ExitStack() as stack:
         sink = StreamSink(open_output(stack, args.output), args.format)
@@ -250,7 +301,7 @@ def cmd_retag(args: argparse.Namespace) -> int:
             sink.write(path, None, record)
     if failed:
         log.warning("%d of %d images had failed when tagged; their errors are in the output", failed, total)
-    return 1 if failed else 0
+    return 1 if failed or store.damaged else 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -258,12 +309,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .retag import search
     from .store import EmbeddingStore
 
-    for hit in search(EmbeddingStore(args.store), SiglipTagger(settings_from_args(args)), args.query, args.k):
+    store = EmbeddingStore(args.store)
+    for hit in search(store, SiglipTagger(settings_from_args(args)), args.query, args.k):
         if args.format == "jsonl":
-            print(json.dumps({"path": hit.path, "score": hit.score}, ensure_ascii=False))
+            print(json_text({"path": hit.path, "score": hit.score}))
         else:
-            print(f"{hit.score:8.4f}  {hit.path}")
-    return 0
+            print(f"{hit.score:8.4f}  {hit.path}".encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+    return 1 if store.damaged else 0
 
 
 def _positive_int(text: str) -> int:
@@ -296,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     tag.add_argument("--format", choices=("json", "jsonl", "table", "parquet"), default="json",
                      help="parquet needs --output FILE and pyarrow (extra `ray`)")
     tag.add_argument("-o", "--output", metavar="FILE", help="write results here instead of stdout")
+    tag.add_argument("--force", action="store_true", help=_FORCE_HELP)
     _add_settings_args(tag)
     tag.add_argument("--ray", action="store_true", help="tag on Ray actors (extra `ray`): a local Ray instance "
                      "unless --ray-address names a cluster; same records as without it")
@@ -333,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="HTML contact sheet from an earlier jsonl run")
     report.add_argument("results", metavar="RESULTS.jsonl")
     report.add_argument("-o", "--output", metavar="HTML", required=True)
+    report.add_argument("--force", action="store_true", help=_FORCE_HELP)
     report.add_argument("--images-root", metavar="DIR",
                         help="folder the records' relative paths start from (default: the current folder, "
                         "as when tagging)")
@@ -350,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     retag.add_argument("store", metavar="FILE", help="a store written by `tag --save-embeddings`")
     retag.add_argument("--format", choices=("json", "jsonl", "table"), default="json")
     retag.add_argument("-o", "--output", metavar="FILE", help="write results here instead of stdout")
+    retag.add_argument("--force", action="store_true", help=_FORCE_HELP)
     _add_settings_args(retag)
     retag.set_defaults(func=cmd_retag)
 
@@ -366,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--model", help="the model to check is cached (default: the configured one)")
     doctor.set_defaults(func=cmd_doctor)
     return parser
+
+
+_FORCE_HELP = ("replace an existing output file that this tool did not write (images, inputs, links and "
+               "devices are refused even so)")
 
 
 def _add_verbosity(parser: argparse.ArgumentParser, default: Any) -> None:

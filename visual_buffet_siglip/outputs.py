@@ -14,15 +14,18 @@ file and a rename, so a reader sees the old sidecar or the new one, never half.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import stat
+import textwrap
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 from .config import PLUGIN_NAME
-from .fileio import write_atomic
+from .fileio import refuse_special, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -82,27 +85,32 @@ class Sink:
 
 
 class StreamSink(Sink):
-    """Records to a stream: jsonl and table flushed per image, json as one array at the end."""
+    """Records to a stream as they arrive, flushed per image: jsonl lines, table blocks, or a json array.
 
-    def __init__(self, stream: IO[str], fmt: str):
+    Nothing is written before the first record, so a run that fails before it
+    prints nothing (not an empty `[]`) and replaces no file.
+    """
+
+    def __init__(self, stream: IO[str] | Any, fmt: str):
         self.stream, self.fmt = stream, fmt
-        self.records: list[dict[str, Any]] = []
+        self.count = 0
 
     def write(self, path: str, item: Any, record: dict[str, Any]) -> None:
         record = path_record(path, record)
         if self.fmt == "jsonl":
-            self.stream.write(json_text(record) + "\n")
-            self.stream.flush()
+            text = json_text(record) + "\n"
         elif self.fmt == "table":  # a name that is not valid UTF-8 shows as \xNN rather than crashing
-            self.stream.write(format_table(record).encode("utf-8", "surrogateescape")
-                              .decode("utf-8", "backslashreplace") + "\n")
-            self.stream.flush()
-        else:
-            self.records.append(record)
+            text = (format_table(record).encode("utf-8", "surrogateescape")
+                    .decode("utf-8", "backslashreplace") + "\n")
+        else:  # the lines json.dumps(records, indent=2) would give, one record at a time
+            text = ("[\n" if self.count == 0 else ",\n") + textwrap.indent(json_text(record, indent=2), "  ")
+        self.stream.write(text)
+        self.stream.flush()
+        self.count += 1
 
     def close(self) -> None:
-        if self.fmt == "json":
-            self.stream.write(json_text(self.records, indent=2) + "\n")
+        if self.fmt == "json" and self.count:
+            self.stream.write("\n]\n")
         self.stream.flush()
 
 
@@ -125,25 +133,30 @@ def read_done(output: Path) -> set[str]:
     except FileNotFoundError:
         return set()
     end = data.rfind(b"\n") + 1
-    if data[end:].strip():
-        if _record_path(data[end:]) is not None:
-            with open(output, "ab") as handle:
-                handle.write(b"\n")
-            end = len(data)
-        else:
-            log.warning("%s: dropped its incomplete last line (left by an interrupted run); "
-                        "that image is tagged again", output)
-            os.truncate(output, end)
     done = set()
     for number, line in enumerate(data[:end].splitlines(), 1):
         if not line.strip():
             continue
         path = _record_path(line)
-        if path is None:
+        if path is None:  # checked before the repair below: a file that is not ours is never changed
             raise UsageError(f"{output}: line {number} is not a record written by `visual-buffet-siglip tag "
                              "--format jsonl`, so this run cannot resume from it; give another --output "
                              "file or remove that line")
         done.add(path_key(path))
+    if data[end:].strip():
+        last = _record_path(data[end:])
+        if last is not None:
+            with open(output, "ab") as handle:
+                handle.write(b"\n")
+            done.add(path_key(last))
+        elif not done:  # nothing of ours before it: not a torn record but someone else's file
+            raise UsageError(f"{output}: it is not a results file written by `visual-buffet-siglip tag "
+                             "--format jsonl` (its only line is not a record), so this run cannot resume "
+                             "from it; give another --output file")
+        else:
+            log.warning("%s: dropped its incomplete last line (left by an interrupted run); "
+                        "that image is tagged again", output)
+            os.truncate(output, end)
     return done
 
 
@@ -205,10 +218,12 @@ class SidecarSink(Sink):
                         "results": {**_other_results(target), PLUGIN_NAME: path_record(path, record)}}
             write_atomic(target, json_text(document, indent=2) + "\n")
             self.written += 1
-        except OSError as exc:
+        except (OSError, RecursionError) as exc:
             self.failed += 1
+            reason = ("it holds JSON nested too deeply to be a sidecar; left alone" if isinstance(exc, RecursionError)
+                      else exc.strerror or exc)
             log.error("%s: cannot write its sidecar %s (%s); its tags are only in the main output",
-                      path, target, exc.strerror or exc)
+                      path, target, reason)
 
     def close(self) -> None:
         log.info("sidecars: %d written, %d kept because they are newer than their image%s", self.written,
@@ -226,9 +241,18 @@ def _newer(sidecar: Path, image: Path) -> bool:
 
 def _other_results(sidecar: Path) -> dict[str, Any]:
     """Other plugins' results in an existing sidecar (none when it is missing or not the host's layout)."""
+    try:  # non-blocking and checked once open: a FIFO named like a sidecar must not hang the run
+        fd = os.open(sidecar, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        return {}
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            refuse_special(sidecar)
+            raise OSError(errno.EEXIST, "not a regular file: not replaced", str(sidecar))
+        data = handle.read()
     try:
-        document = json.loads(sidecar.read_bytes())
-    except (FileNotFoundError, ValueError):
+        document = json.loads(data)  # RecursionError for absurd nesting: the caller reports it
+    except ValueError:
         return {}
     results = document.get("results") if isinstance(document, dict) else None
     return {k: v for k, v in results.items() if k != PLUGIN_NAME} if isinstance(results, dict) else {}

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from .fileio import write_atomic
+from .outputs import json_text
 
 __all__ = ["DEFAULT_TITLE", "SLIDER_MAX", "SLIDER_MIN", "build_report", "read_records", "write_report"]
 
@@ -160,7 +161,7 @@ def _embed_json(obj: Any) -> str:
     """JSON safe to place inside <script type="application/json">: no '<' (so
     no '</script' or '<!--'), no '>' or '&', and every '/' escaped, which also
     means no 'http://' or '//' can appear in the file, whatever the data."""
-    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    text = json_text(obj, allow_nan=False, separators=(",", ":"))  # file names that are not UTF-8: escaped
     return (
         text.replace("<", "\\u003c")
         .replace(">", "\\u003e")
@@ -303,6 +304,7 @@ window.addEventListener("unhandledrejection", function (e) {
 </script>
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="visual-buffet-siglip">
 <title>@@TITLE@@</title>
 <style>
 :root {
