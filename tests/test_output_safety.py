@@ -74,6 +74,17 @@ def test_a_failed_run_keeps_the_previous_results(folder, model_args, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], "no temporary files left"
 
 
+def test_a_failed_run_keeps_the_previous_report_and_parquet(folder, model_args, tmp_path):
+    pytest.importorskip("pyarrow")
+    report, parquet = tmp_path / "r.html", tmp_path / "t.parquet"
+    argv = ["tag", str(folder / "img00.png"), "--report", str(report), "--format", "parquet", "-o", str(parquet)]
+    assert cli.main([*argv, *model_args]) == 0
+    before = snapshot(tmp_path)
+    assert cli.main([*argv, *model_args, "--model", "google/siglip-base-patch16-224"]) == 2
+    assert snapshot(tmp_path) == before
+    assert cli.main([*argv, *model_args]) == 0, "our own report and parquet are replaced without --force"
+
+
 def test_streamed_json_equals_the_whole_array(folder, model_args, capsys):
     assert cli.main(["tag", str(folder), *model_args]) == 0
     text = capsys.readouterr().out
@@ -403,3 +414,19 @@ def test_a_full_disk_while_writing_results_keeps_the_previous_ones(folder, model
     assert "No space left" in capsys.readouterr().err
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "t.jsonl"]
+
+
+def test_retag_of_a_damaged_store_keeps_the_good_rows_and_exits_1(folder, model_args, tmp_path, capsys, caplog):
+    store = tmp_path / "s.emb"
+    assert cli.main(["tag", str(folder), "--save-embeddings", str(store), *model_args]) == 0
+    data = bytearray(store.read_bytes())
+    data[-100] ^= 0x10
+    store.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli.main(["retag", str(store), "--format", "jsonl", *model_args]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "unexpected" not in captured.err
+    assert "damaged after row 0" in caplog.text and str(store) in caplog.text
+    assert cli.main(["tag", str(folder), "--format", "jsonl", "-o", str(tmp_path / "t.jsonl"), "--resume",
+                     "--save-embeddings", str(store), *model_args]) == 0  # the repair: embedded again
+    assert sorted(store_paths(store)) == sorted(str(p) for p in folder.glob("*.png"))

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from . import __version__
 from .config import ConfigError, Settings, load_settings
-from .fileio import ReplacingOutput
+from .fileio import ReplacingOutput, replaced_at_end
 from .images import IMAGE_SUFFIXES
 from .locks import exclusive
 from .outputs import Sink, StreamSink, UsageError, json_text, path_key
@@ -173,10 +173,11 @@ def cmd_tag(args: argparse.Namespace) -> int:
             tagger = stack.enter_context(cli_tagger(args, settings))
         else:
             tagger = SiglipTagger(settings)
-        if args.format == "parquet":
+        if args.format == "parquet":  # binary, written whole: a temporary file, moved into place at the end
             from .distributed import parquet_sink
 
-            sinks: list[Sink] = [parquet_sink(args.output)]
+            parquet = stack.enter_context(replaced_at_end(args.output))
+            sinks: list[Sink] = [parquet_sink(parquet)]
         else:
             sinks = [StreamSink(open_output(stack, args.output, append=args.resume), args.format)]
         sidecars = None

@@ -12,6 +12,7 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -138,6 +139,27 @@ class ReplacingOutput:
                 os.unlink(temp)
             raise
         return handle
+
+
+@contextlib.contextmanager
+def replaced_at_end(target: str | os.PathLike[str] | None) -> Iterator[str | None]:
+    """A temporary path beside `target` for a writer that needs a path; renamed over `target` when the block
+    ends without an exception and the file was written, removed otherwise (None passes through)."""
+    if target is None:
+        yield None
+        return
+    target = Path(target)
+    fd, temp = _temp_beside(target)
+    os.close(fd)
+    os.unlink(temp)  # the writer creates it; an empty file would look like output
+    try:
+        yield str(temp)
+        if os.path.exists(temp):
+            refuse_special(target)
+            _replace(temp, target)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
 
 
 def _temp_beside(target: Path) -> tuple[int, Path]:

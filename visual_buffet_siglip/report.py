@@ -782,5 +782,6 @@ class ReportSink:
         self.records.append({"path": path, **low})
 
     def close(self) -> None:
-        write_report(self.records, self.output, threshold=self.threshold, images_root=Path.cwd())
+        if self.records:  # a run that failed before its first image keeps the previous report
+            write_report(self.records, self.output, threshold=self.threshold, images_root=Path.cwd())
 
