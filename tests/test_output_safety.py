@@ -13,21 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import LABELS, make_image
+from conftest import make_image
 
 from visual_buffet_siglip import cli, fileio, locks, outputs
 from visual_buffet_siglip.outputs import sidecar_path
 from visual_buffet_siglip.store import EmbeddingStore
 
 N_IMAGES = 4
-
-
-@pytest.fixture(scope="module")
-def model_args(checkpoints, tmp_path_factory) -> list[str]:
-    labels = tmp_path_factory.mktemp("labels") / "labels.txt"
-    labels.write_text("\n".join(LABELS[:6]), encoding="utf-8")
-    return ["--model", str(checkpoints["siglip"]), "--device", "cpu", "--dtype", "float32", "--threshold", "0",
-            "--labels-file", str(labels), "--batch-size", "1", "-q"]
 
 
 @pytest.fixture

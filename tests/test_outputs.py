@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import LABELS, make_image
+from conftest import make_image
 
 from visual_buffet_siglip import cli, outputs
 from visual_buffet_siglip.outputs import read_done, sidecar_path
@@ -41,14 +41,6 @@ def folder(tmp_path_factory) -> Path:
     for i in range(N_IMAGES):
         make_image(root / f"img{i:02d}.png", (40 + i, 36), seed=40 + i)
     return root
-
-
-@pytest.fixture(scope="module")
-def model_args(checkpoints, tmp_path_factory) -> list[str]:
-    labels = tmp_path_factory.mktemp("labels") / "labels.txt"
-    labels.write_text("\n".join(LABELS[:6]), encoding="utf-8")
-    return ["--model", str(checkpoints["siglip"]), "--device", "cpu", "--dtype", "float32", "--threshold", "0",
-            "--labels-file", str(labels), "--batch-size", "1", "-q"]
 
 
 def lines(path: Path) -> list[dict]:

@@ -296,11 +296,12 @@ class EmbeddingStore:
             raise StoreError(not_store) from None
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise StoreError(not_store)
-        self.version = header.get("format_version")
-        if self.version not in READABLE_VERSIONS:
+        version = header.get("format_version")
+        if version not in READABLE_VERSIONS:
             raise StoreError(f"embedding store {str(self.path)!r} has format version "
                              f"{header.get('format_version')!r}; this visual-buffet-siglip reads versions "
                              f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade it, or tag the photos again)")
+        self.version = int(version)
         if self.version == 1:
             log.warning("embedding store %s was written by visual-buffet-siglip 0.1.0, without checksums: "
                         "damage in it cannot be detected; tag the photos again with --save-embeddings for a "
