@@ -422,3 +422,41 @@ def test_retag_of_a_damaged_store_keeps_the_good_rows_and_exits_1(folder, model_
     assert cli.main(["tag", str(folder), "--format", "jsonl", "-o", str(tmp_path / "t.jsonl"), "--resume",
                      "--save-embeddings", str(store), *model_args]) == 0  # the repair: embedded again
     assert sorted(store_paths(store)) == sorted(str(p) for p in folder.glob("*.png"))
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KB tmpfs (needs root and mount; skipped elsewhere, where the fsync-patching test still runs)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 512)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_really_full_disk_loses_nothing(folder, model_args, tiny_disk, capsys):
+    out, store = tiny_disk / "t.jsonl", tiny_disk / "s.emb"
+    argv = ["tag", str(folder), "--format", "jsonl", "-o", str(out), "--save-embeddings", str(store), *model_args]
+    assert cli.main(argv) == 0
+    before = snapshot(tiny_disk)
+    filler = fill(tiny_disk)
+    store.unlink()  # a new store cannot even get its header onto the disk
+    assert cli.main(argv) == 2
+    assert "No space left" in capsys.readouterr().err
+    assert snapshot(tiny_disk) == {**{k: v for k, v in before.items() if k != "s.emb"}, "filler": filler.read_bytes()}
+    filler.unlink()
+    assert cli.main([*argv, "--resume"]) == 0  # space again: the store is rebuilt for every image
+    assert sorted(store_paths(store)) == sorted(r["path"] for r in jsonl(out)) and len(jsonl(out)) == N_IMAGES

@@ -286,3 +286,17 @@ def test_a_new_store_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(StoreError, match="No space left on device"):
         EmbeddingWriter(path, IDENTITY)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_version_1_store_is_continued_in_its_own_format(tmp_path):
+    path = tmp_path / "old.emb"
+    rows = items(4, fail=frozenset())
+    write_version_1_store(path, rows[:2])
+    store = EmbeddingStore(path)
+    handle = open(path, "r+b")
+    handle.seek(0, os.SEEK_END)
+    with EmbeddingWriter(path, store.identity, handle=handle, version=store.version) as writer:
+        for item in rows[2:]:
+            writer.write(item.source, item)
+    assert [r[1] for r in read_rows(path)] == [item.source for item in rows]
+    assert not EmbeddingStore(path).damaged
