@@ -69,6 +69,8 @@ def _check_one(target: Target, *, force: bool) -> None:
     if not os.path.exists(path):
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
+            if target.kind == "report":  # written at the end, creating its folder
+                return
             raise UsageError(f"cannot write {target.flag} {path!r}: folder {folder!r} does not exist")
         if not os.access(folder, os.W_OK | os.X_OK):
             raise UsageError(f"cannot write {target.flag} {path!r}: folder {folder!r} is not writable")
