@@ -63,7 +63,8 @@ def _check_one(target: Target, *, force: bool) -> None:
     path = target.path
     kind = special_file(path)
     if kind is not None:
-        hint = " (to write to the terminal or a pipe, leave out -o)" if target.flag.startswith("-o") else ""
+        pipe = kind in ("a device", "a FIFO") or os.path.abspath(path).startswith("/dev/")
+        hint = " (to write to the terminal or a pipe, leave out -o)" if pipe and target.flag.startswith("-o") else ""
         raise UsageError(f"refusing {target.flag} {path!r}: it is {kind}, not a regular file{hint}; "
                          "give a file name")
     if not os.path.exists(path):
