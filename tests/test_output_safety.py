@@ -460,3 +460,9 @@ def test_a_really_full_disk_loses_nothing(folder, model_args, tiny_disk, capsys)
     filler.unlink()
     assert cli.main([*argv, "--resume"]) == 0  # space again: the store is rebuilt for every image
     assert sorted(store_paths(store)) == sorted(r["path"] for r in jsonl(out)) and len(jsonl(out)) == N_IMAGES
+
+
+def test_a_report_may_go_to_a_new_folder_and_needs_no_lock(folder, model_args, tmp_path):
+    report = tmp_path / "new" / "dir" / "r.html"
+    assert cli.main(["tag", str(folder / "img00.png"), "--report", str(report), *model_args]) == 0
+    assert report.is_file() and sorted(p.name for p in report.parent.iterdir()) == ["r.html"]

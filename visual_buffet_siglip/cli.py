@@ -147,8 +147,9 @@ def cmd_tag(args: argparse.Namespace) -> int:
     targets = _tag_targets(args)
     check_targets(targets, [*paths, settings.labels_file, args.config], force=args.force)
     with contextlib.ExitStack() as stack:
-        for target in targets:  # one writer per output: a second run is refused, naming this one's PID
-            stack.enter_context(exclusive(target.path))
+        for target in targets:  # one writer per appended output: a second run is refused, naming this one's PID
+            if target.kind != "report":  # a report is written whole at the end: the last run's wins
+                stack.enter_context(exclusive(target.path))
         contents, embed_first = None, []
         if args.save_embeddings:
             from .store import check_new, read_contents
