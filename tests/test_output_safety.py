@@ -85,6 +85,23 @@ def test_streamed_json_equals_the_whole_array(folder, model_args, capsys):
     assert text == json.dumps(records, indent=2, ensure_ascii=False) + "\n"
 
 
+def test_an_interrupted_json_run_leaves_valid_json_and_an_idle_one_leaves_the_file(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("previous\n")
+    untouched = fileio.ReplacingOutput(target)
+    outputs.StreamSink(untouched, "json").close()
+    untouched.close()
+    assert target.read_text() == "previous\n" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+    output = fileio.ReplacingOutput(target)
+    sink = outputs.StreamSink(output, "json")
+    sink.write("a.png", None, {"tags": []})
+    assert json.loads(target.read_text() + "]") == [{"path": "a.png", "tags": []}], "in place at the first record"
+    sink.write("b.png", None, {"tags": []})
+    sink.close()  # what run_tagging does when interrupted
+    output.close()
+    assert [r["path"] for r in json.loads(target.read_text())] == ["a.png", "b.png"]
+
+
 # --- 12: outputs never overwrite inputs, images, devices, symlinks or other people's files -----
 
 @pytest.mark.parametrize("argv", [
