@@ -169,12 +169,12 @@ class LiveBytes(TorchDispatchMode):
 
 def _measured_per_image(tower: torch.nn.Module, make_inputs, dtype: torch.dtype) -> float:
     peaks = []
-    for batch in (2, 6):
+    for batch in (4, 12):
         inputs = make_inputs(batch)
         with torch.inference_mode(), LiveBytes() as live:
             tower(**{k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()})
         peaks.append(live.peak)
-    return (peaks[1] - peaks[0]) / 4
+    return (peaks[1] - peaks[0]) / 8
 
 
 @pytest.mark.parametrize(("family", "attention", "dtype"), [
@@ -211,4 +211,6 @@ def test_per_image_prediction_matches_what_a_forward_keeps_alive(family, attenti
         measured = _measured_per_image(tower, inputs, torch_dtype)
         measured += tokens * 3 * patch * patch * 4  # the float32 pixels, made outside the tracked block
         predicted = per_image_bytes(info, tokens, dtype, attention)
-        assert 0.85 <= predicted / measured <= 1.3, (shape, tokens, predicted, measured)  # CPU kernels vary
+        # an upper bound (the planner must not under-count), not a wasteful one; measured 1.0-1.3 on the CPU,
+        # where sdpa's scratch buffers vary with load
+        assert 0.95 <= predicted / measured <= 1.4, (shape, tokens, predicted, measured)
