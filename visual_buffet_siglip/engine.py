@@ -42,6 +42,7 @@ from .hardware import HardwareProfile, Plan, cpu_cores, detect
 from .hardware import plan as make_plan
 from .images import ImageError, ImageSource, describe, load_image
 from .models import LoadedModel, load, model_info
+from .residency import text_tower_on
 from .textcache import DiskLabelStore, LabelEmbeddingCache, cache_root, library_versions, weights_digest
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ class SiglipTagger:
             "weights": weights_digest(loaded.source),
             "template": TEMPLATE, "lowercase": True, "padding": "max_length", "max_length": MAX_LENGTH,
             "dtype": plan.dtype, "quantization": plan.quantization, "attention": plan.attention,
-            "device": torch.device(plan.device).type,
+            "device": torch.device(plan.text_device).type,  # where the text tower encodes
             **library_versions(),
         }
 
@@ -237,7 +238,8 @@ class SiglipTagger:
         found = cache.get(keyed)
         missing = [label for label in dict.fromkeys(keyed) if label not in found]
         if missing:
-            with self._text_lock:  # one thread encodes; others waiting for the same labels reuse them
+            # one thread encodes; others waiting for the same labels reuse them
+            with self._text_lock, text_tower_on(self.loaded.model, self.plan.text_device):
                 found.update(cache.get(missing, count=False))
                 missing = [label for label in missing if label not in found]
                 # saved as it goes, so a run killed while encoding a big vocabulary keeps most of it
@@ -257,7 +259,7 @@ class SiglipTagger:
             chunk = labels[start:start + TEXT_BATCH]
             tokens = tokenizer([prompt_for(label) for label in chunk], padding="max_length",
                                max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
-            inputs = {k: v.to(self._device) for k, v in tokens.items()
+            inputs = {k: v.to(self.plan.text_device) for k, v in tokens.items()
                       if k in ("input_ids", "attention_mask", "position_ids")}
             with self._model_lock, torch.inference_mode():
                 features = _pooled(loaded.model.get_text_features(**inputs))
