@@ -37,12 +37,13 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import MAX_LENGTH, TEMPLATE, Settings, default_settings, normalize_label, normalize_labels
+from .config import MAX_LENGTH, TEMPLATE, Settings, default_settings, normalize_label
 from .hardware import HardwareProfile, Plan, cpu_cores, detect
 from .hardware import plan as make_plan
 from .images import ImageError, ImageSource, describe, load_image
 from .models import LoadedModel, load, model_info
 from .textcache import DiskLabelStore, LabelEmbeddingCache, cache_root, library_versions, weights_digest
+from .vocabulary import TagOptions, select
 
 log = logging.getLogger(__name__)
 
@@ -393,28 +394,40 @@ class SiglipTagger:
         return _Scorer(self.loaded.model, text_embeddings)(image_embeddings)
 
     # --- tagging ---------------------------------------------------------------------------
+    def options(self, *, labels: Sequence[str] | None = None, threshold: float | None = None,
+                max_tags: int | None = None) -> TagOptions:
+        """This tagger's settings as per-call tag options: plain `labels` replace the vocabulary."""
+        return TagOptions.from_settings(self.settings, labels=labels, threshold=threshold, max_tags=max_tags)
+
     def iter_tag(self, images: Iterable[ImageSource], *, labels: Sequence[str] | None = None,
-                 threshold: float | None = None, max_tags: int | None = None
+                 threshold: float | None = None, max_tags: int | None = None, options: TagOptions | None = None
                  ) -> Iterator[tuple[ImageEmbedding, dict[str, Any]]]:
-        """(embedding, result record) per image, streamed in input order."""
-        label_list = list(normalize_labels(labels)) if labels is not None else list(self.settings.label_set)
-        scorer = _Scorer(self.loaded.model, self.embed_texts(label_list))
+        """(embedding, result record) per image, streamed in input order.
+
+        `options` says which tags to keep (default: the settings'); `labels`,
+        `threshold` and `max_tags` are shorthands that build them.
+        """
+        if options is None:
+            options = self.options(labels=labels, threshold=threshold, max_tags=max_tags)
+        scorer = _Scorer(self.loaded.model, self.embed_texts(options.labels))
         for batch in self._batches(images):
             good = [item for item in batch if item.vector is not None]
             rows = dict(zip((item.index for item in good),
                             scorer(np.stack([item.vector for item in good])))) if good else {}
             for item in batch:
-                yield item, self.record_scores(item, label_list, rows.get(item.index),
-                                               threshold=threshold, max_tags=max_tags)
+                yield item, self.record_scores(item, rows.get(item.index), options)
 
-    def record(self, item: ImageEmbedding, labels: Sequence[str], text: np.ndarray, *,
-               threshold: float | None = None, max_tags: int | None = None) -> dict[str, Any]:
-        """The output-contract record for one image embedding against a label set."""
+    def record(self, item: ImageEmbedding, text: np.ndarray, options: TagOptions,
+               labels: Sequence[str] | None = None) -> dict[str, Any]:
+        """The output-contract record for one image embedding against `text`, the embedded `labels`.
+
+        `labels` default to the options' own; a caller may score more (the host's candidates).
+        """
         scores = None if item.error is not None else self.score(item.vector[None, :], text)[0]
-        return self.record_scores(item, labels, scores, threshold=threshold, max_tags=max_tags)
+        return self.record_scores(item, scores, options, labels)
 
-    def record_scores(self, item: ImageEmbedding, labels: Sequence[str], scores: np.ndarray | None, *,
-                      threshold: float | None = None, max_tags: int | None = None) -> dict[str, Any]:
+    def record_scores(self, item: ImageEmbedding, scores: np.ndarray | None, options: TagOptions,
+                      labels: Sequence[str] | None = None) -> dict[str, Any]:
         """`record` from this image's row of `score` (re-tagging scores many images per call)."""
         if item.error is not None:
             return {"tags": [], "error": item.error}
@@ -423,9 +436,7 @@ class SiglipTagger:
                        f"(dtype {self.plan.dtype}); set dtype = \"float32\"")
             return {"tags": [], "error": {"type": NonFiniteScoreError.__name__, "message": message}}
         return {
-            "tags": select_tags(labels, scores,
-                                self.settings.confidence_threshold if threshold is None else threshold,
-                                self.settings.max_tags if max_tags is None else max_tags),
+            "tags": select(options.labels if labels is None else labels, scores, options),
             "model": self.settings.model,
             "version": __version__,
             "inference_time_ms": round(item.elapsed_ms, 3),
@@ -434,14 +445,6 @@ class SiglipTagger:
     def tag(self, images: Iterable[ImageSource], **kwargs: Any) -> list[dict[str, Any]]:
         """One result record per image, in input order (see DESIGN section 3)."""
         return [record for _, record in self.iter_tag(images, **kwargs)]
-
-
-def select_tags(labels: Sequence[str], scores: np.ndarray, threshold: float, max_tags: int
-                ) -> list[dict[str, Any]]:
-    """Labels scoring >= threshold, by confidence descending then label, at most max_tags."""
-    keep = [(float(scores[i]), labels[i]) for i in np.flatnonzero(scores >= threshold)]
-    keep.sort(key=lambda pair: (-pair[0], pair[1]))
-    return [{"label": label, "confidence": conf} for conf, label in keep[:max_tags]]
 
 
 def _fixed_resize(loaded: LoadedModel) -> tuple[tuple[int, int], int] | None:
