@@ -157,3 +157,36 @@ def test_labels_outside_the_vocabulary_use_the_global_threshold():
 def test_explore_keeps_off_labels_for_reports():
     options = TagOptions(parse_vocabulary("dog\t0.5\ncat\toff\n"), 0.1, 10).explore(0.001)
     assert [t["label"] for t in select(["dog", "cat"], np.array([0.4, 0.9]), options)] == ["cat", "dog"]
+
+
+# --- encoding large or long label sets (issue 13 item 20) ---------------------------------------
+
+def test_long_labels_warn_once_that_they_are_truncated(checkpoints, caplog):
+    from conftest import make_settings
+
+    from visual_buffet_siglip.engine import SiglipTagger
+
+    tagger = SiglipTagger(make_settings(checkpoints["siglip"]))
+    long_labels = [f"{word} " * 80 + "dog" for word in ("red", "blue")]
+    with caplog.at_level("WARNING", logger="visual_buffet_siglip"):
+        tagger.embed_texts(["cat", *long_labels])
+        tagger.embed_texts(long_labels)  # already encoded: no second warning
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "2 label(s) are longer than the model's 64 tokens" in warnings[0]
+    assert "'red red" in warnings[0] and "cat" not in warnings[0]
+
+
+def test_many_labels_show_progress_with_an_estimate(checkpoints, caplog, monkeypatch):
+    from conftest import make_settings
+
+    from visual_buffet_siglip import engine
+
+    monkeypatch.setattr(engine, "PROGRESS_LABELS", 20)
+    monkeypatch.setattr(engine, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(engine, "TEXT_SAVE_EVERY", 8)
+    tagger = engine.SiglipTagger(make_settings(checkpoints["siglip"]))
+    with caplog.at_level("INFO", logger="visual_buffet_siglip"):
+        tagger.embed_texts([f"label {i}" for i in range(30)])
+    messages = [r.getMessage() for r in caplog.records]
+    assert "encoding 30 labels with the text tower" in messages[0]
+    assert any("encoding labels: 8 of 30 (26%), about" in m and m.endswith(" left") for m in messages)

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 TEXT_BATCH = 64
 TEXT_SAVE_EVERY = 512  # labels encoded between two writes of the disk cache
+PROGRESS_LABELS = 2048  # encoding this many labels takes long enough to show progress
+PROGRESS_SECONDS = 10.0
 MAX_DECODE_WORKERS = 16
 NARROW_SCORING = 4  # label sets this small are scored with numpy's einsum (see _Scorer)
 
@@ -242,13 +244,29 @@ class SiglipTagger:
                 found.update(cache.get(missing, count=False))
                 missing = [label for label in missing if label not in found]
                 # saved as it goes, so a run killed while encoding a big vocabulary keeps most of it
+                progress = _TextProgress(len(missing))
+                truncated: list[str] = []
                 for start in range(0, len(missing), TEXT_SAVE_EVERY):
-                    fresh = self._encode_texts(missing[start:start + TEXT_SAVE_EVERY])
+                    chunk = missing[start:start + TEXT_SAVE_EVERY]
+                    truncated += self._too_long(chunk)
+                    fresh = self._encode_texts(chunk)
                     cache.put(fresh)
                     found.update(fresh)
+                    progress.update(len(fresh))
+                if truncated:
+                    log.warning("%d label(s) are longer than the model's %d tokens in the prompt and were cut "
+                                "there, so their end is ignored: %s", len(truncated), MAX_LENGTH,
+                                ", ".join(repr(label[:60] + ("..." if len(label) > 60 else ""))
+                                          for label in truncated[:3]) + (", ..." if len(truncated) > 3 else ""))
         if not keyed:
             return np.zeros((0, self._embed_dim()), dtype=np.float32)
         return np.stack([found[label] for label in keyed])
+
+    def _too_long(self, labels: list[str]) -> list[str]:
+        """The labels whose prompt is longer than MAX_LENGTH tokens (the model sees it cut there)."""
+        tokenizer = self.loaded.processor.tokenizer
+        ids = tokenizer([prompt_for(label) for label in labels], padding=False, truncation=False)["input_ids"]
+        return [label for label, row in zip(labels, ids) if len(row) > MAX_LENGTH]
 
     def _encode_texts(self, labels: list[str]) -> dict[str, np.ndarray]:
         loaded = self.loaded
@@ -445,6 +463,31 @@ class SiglipTagger:
     def tag(self, images: Iterable[ImageSource], **kwargs: Any) -> list[dict[str, Any]]:
         """One result record per image, in input order (see DESIGN section 3)."""
         return [record for _, record in self.iter_tag(images, **kwargs)]
+
+
+class _TextProgress:
+    """Logs how far encoding a large vocabulary is, with an estimate, every PROGRESS_SECONDS."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.start = self.last = time.perf_counter()
+        self.enabled = total >= PROGRESS_LABELS
+        if self.enabled:
+            log.info("encoding %d labels with the text tower (once per model; cached for later runs)", total)
+
+    def update(self, count: int) -> None:
+        self.done += count
+        now = time.perf_counter()
+        if not self.enabled or self.done >= self.total or now - self.last < PROGRESS_SECONDS:
+            return
+        self.last = now
+        left = (now - self.start) / self.done * (self.total - self.done)
+        log.info("encoding labels: %d of %d (%d%%), about %s left", self.done, self.total,
+                 100 * self.done // self.total, _duration(left))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def _fixed_resize(loaded: LoadedModel) -> tuple[tuple[int, int], int] | None:
