@@ -9,6 +9,8 @@ The browser tests need the Debian packages ``chromium`` and
 from __future__ import annotations
 
 import base64
+import fnmatch
+import hashlib
 import importlib.util
 import io
 import json
@@ -17,6 +19,7 @@ import os
 import random
 import re
 import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -284,6 +287,55 @@ def test_script_injection_cannot_break_out(tmp_path):
     assert "<title>&lt;&#47;title&gt;&lt;script&gt;alert(3)&lt;&#47;script&gt;</title>" in html
 
 
+def _csp_sources(html: str) -> dict[str, list[str]]:
+    m = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]*)">', html)
+    assert m, "no CSP meta element"
+    policy = {}
+    for directive in m.group(1).split(";"):
+        name, *sources = directive.split()
+        policy[name] = sources
+    return policy
+
+
+def _sha256_source(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+def test_csp_allows_only_the_pages_own_script_and_style(gallery):
+    root, records = gallery
+    html = build_report(records, threshold=0.01, images_root=root)
+    policy = _csp_sources(html)
+    assert "unsafe-inline" not in html and "unsafe-eval" not in html
+    assert policy["default-src"] == ["'none'"] and policy["img-src"] == ["data:"]
+    assert policy["base-uri"] == ["'none'"]
+    # the meta element comes before any script or style, so it governs all of them
+    assert html.index("Content-Security-Policy") < min(html.index("<script"), html.index("<style"))
+    scripts = re.findall(r"<script>(.*?)</script>", html, re.S)
+    styles = re.findall(r"<style>(.*?)</style>", html, re.S)
+    assert len(scripts) == 2 and len(styles) == 1
+    assert sorted(policy["script-src"]) == sorted(_sha256_source(text) for text in scripts)
+    assert policy["style-src"] == [_sha256_source(styles[0])]
+    # the policy does not depend on the data: the same hashes for another report
+    assert _csp_sources(build_report([], threshold=0.3, title="other"))["script-src"] == policy["script-src"]
+
+
+def test_page_assets_are_package_data(gallery):
+    """The page is edited as HTML, CSS and JS files, shipped as package data and inlined verbatim."""
+    from visual_buffet_siglip.config import tomllib
+
+    assets = resources.files("visual_buffet_siglip").joinpath("report_assets")
+    names = sorted(entry.name for entry in assets.iterdir())
+    assert names == ["errors.js", "report.css", "report.html", "report.js"]
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    globs = pyproject["tool"]["setuptools"]["package-data"]["visual_buffet_siglip"]
+    assert all(any(fnmatch.fnmatch(f"report_assets/{name}", glob) for glob in globs) for name in names)
+    root, records = gallery
+    html = build_report(records, threshold=0.01, images_root=root)
+    for name in ("errors.js", "report.js", "report.css"):
+        assert assets.joinpath(name).read_text("utf-8") in html, name
+    assert "<!DOCTYPE" not in Path(report_mod.__file__).read_text(encoding="utf-8"), "the page lives in report_assets/"
+
+
 def test_report_with_only_errors_and_empty_report(tmp_path):
     records = [
         {"path": "a.jpg", "tags": [], "error": {"type": "ImageDecodeError", "message": "truncated"}},
@@ -462,7 +514,8 @@ def test_threshold_explorer_in_browser(browser, gallery, tmp_path):
         assert browser.execute("return window.reportState.labelCounts()") == expected_label_counts(records, t)
         rows = browser.execute("return Array.from(document.querySelectorAll('#labels .lrow')).map(function (r) { return r.getAttribute('data-label'); })")
         counts = expected_label_counts(records, t)
-        assert rows == sorted(counts, key=lambda lab: (-counts[lab], lab))[:40]
+        recorded = {tag["label"] for r in records for tag in r["tags"]}  # every label stays listed, to be tuned
+        assert rows == sorted(recorded, key=lambda lab: (-counts.get(lab, 0), lab))[:40]
         assert t > 0.01 or value == 120
 
     # the numeric box follows, and typing in it moves the slider
@@ -474,6 +527,26 @@ def test_threshold_explorer_in_browser(browser, gallery, tmp_path):
     assert browser.execute("return window.reportState.threshold") == 0.05
     assert browser.execute(VISIBLE_JS)[0] == expected_kept(records, 0.05)
     assert_no_page_errors(browser)
+
+
+def test_csp_blocks_a_script_the_escaping_missed(browser, gallery, tmp_path):
+    """A second wall: even markup that got into the page past the escaping cannot run script."""
+    root, records = gallery
+    out = write_report(records, tmp_path / "report.html", threshold=0.01, images_root=root)
+    html = out.read_text(encoding="utf-8")
+    injected = ('<script>window.__injected = 1;</script>'
+                '<img alt="" src="data:image/png;base64,AAAA" onerror="window.__injected = 2">')
+    out.write_text(html.replace("</body>", injected + "</body>"), encoding="utf-8")
+    open_report(browser, out)
+    browser.next_frames(2)
+    assert browser.execute("return window.__injected") is None
+    violations = browser.execute("return window.__reportErrors")
+    assert violations and all(v.startswith("CSP violation: script-src") for v in violations), violations
+    log = browser.browser_log()
+    if log is not None:  # chromium reports the violation on the console too
+        assert any("Content Security Policy" in entry.get("message", "") for entry in log), log
+    # the page's own script is allowed and did its work
+    assert browser.execute("return window.reportState.imageCount()") == len(records)
 
 
 def test_ten_thousand_images_stay_responsive(browser, tmp_path):
