@@ -151,10 +151,12 @@ def cmd_tag(args: argparse.Namespace) -> int:
             sinks: list[Sink] = [parquet_sink(args.output)]
         else:
             sinks = [StreamSink(open_output(stack, args.output, append=args.resume), args.format)]
+        sidecars = None
         if args.sidecar:
             from .outputs import SidecarSink
 
-            sinks.append(SidecarSink(overwrite=args.overwrite))
+            sidecars = SidecarSink(overwrite=args.overwrite)
+            sinks.append(sidecars)
         if args.save_embeddings:
             from .store import writer_for_tag
 
@@ -169,7 +171,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
         failed = run_tagging(tagger, paths, sinks + ([xmp] if xmp else []), quiet=args.quiet, options=options)
     if failed:
         log.warning("%d of %d images failed; their errors are in the output", failed, len(paths))
-    return 1 if failed or (xmp and xmp.failed) else 0
+    return 1 if failed or (xmp and xmp.failed) or (sidecars and sidecars.clashes) else 0
 
 
 def xmp_sink(args: argparse.Namespace, settings: Settings, options: TagOptions) -> XmpSink | None:
