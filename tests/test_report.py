@@ -581,3 +581,101 @@ def test_ten_thousand_images_stay_responsive(browser, tmp_path):
     assert rendered < 10_000
     assert browser.execute(VISIBLE_JS)[0] == expected_kept(records[:rendered], t)
     assert_no_page_errors(browser)
+
+
+# --------------------------------------------------------------------------
+# tuning the vocabulary in the page, then retag with what it downloads
+
+TUNE_LABELS = ["dog", "cat", "golden retriever", "beach", "mountain", "red car", "blue sky", "tree",
+               "old house", "person", "city street", "night", "sunset", "food", "pizza", "flower"]
+
+
+def shown_tags(browser) -> list[list[str]]:
+    """Per card without error, the labels of the tags the page shows, top to bottom."""
+    browser.execute("window.reportState.renderAll()")
+    browser.next_frames(2)
+    return browser.execute(
+        "return Array.from(document.querySelectorAll('#cards .card:not(.error)')).map(function (c) {"
+        "  return Array.from(c.querySelectorAll('.tag')).filter(function (t) { return t.getClientRects().length; })"
+        "    .map(function (t) { return t.querySelector('.tl').textContent; }); });"
+    )
+
+
+def row(label: str, control: str) -> str:
+    return f'#labels .lrow[data-label="{label}"] .{control}'
+
+
+def test_tuned_vocabulary_download_retags_to_what_the_page_showed(browser, checkpoints, images, tmp_path, capsys):
+    from visual_buffet_siglip.cli import main
+    from visual_buffet_siglip.vocabulary import read_vocabulary
+
+    keys = _load_webdriver().KEYS
+    # The run's vocabulary: keyword paths, one label with its own threshold, one off.
+    run_vocab = tmp_path / "run-vocabulary.tsv"
+    own = {"pizza": "0.3", "night": "off"}
+    paths = {"dog": "Animals|Dogs", "golden retriever": "Animals|Dogs|Golden retriever", "beach": "Nature|Coast|Beach"}
+    run_vocab.write_text("".join(f"{label}\t{own.get(label, '')}\t{paths.get(label, '')}".rstrip("\t") + "\n"
+                                 for label in TUNE_LABELS), encoding="utf-8")
+    common = ["--model", str(checkpoints["siglip"]), "--device", "cpu", "--dtype", "float32",
+              "--threshold", "0.2", "--max-tags", "6"]
+    store, report, tagged = tmp_path / "run.emb", tmp_path / "report.html", tmp_path / "run.jsonl"
+    paths_in = [str(p) for p in images]
+    assert main(["-q", "tag", *paths_in, "--labels-file", str(run_vocab), "--save-embeddings", str(store),
+                 "--report", str(report), "--format", "jsonl", "-o", str(tagged), *common]) == 0
+    run_records = [json.loads(line) for line in tagged.read_text(encoding="utf-8").splitlines()]
+
+    open_report(browser, report)
+    assert_no_page_errors(browser)
+    # The page starts from the run's own selection: exactly the tags the run wrote.
+    assert shown_tags(browser) == [[t["label"] for t in r["tags"]] for r in run_records]
+    assert browser.execute("return window.reportState.labelSettings('night')")["off"] is True
+    assert browser.execute("return window.reportState.labelSettings('pizza')")["threshold"] == 0.3
+    assert any(len(r["tags"]) == 6 for r in run_records), "max_tags must matter in this run"
+
+    # Pick labels whose change shows on the cards (the random model's scores decide which).
+    data = extract_data(report.read_text(encoding="utf-8"))
+    scores: dict[str, list[float]] = {}
+    for im in data["images"]:
+        for li, conf in im["tags"]:
+            scores.setdefault(data["labels"][li], []).append(conf)
+    shown_before = {label for tags in shown_tags(browser) for label in tags}
+    free = [lab for lab in TUNE_LABELS if lab not in own]
+    lowered = max(free, key=lambda lab: sum(0.05 <= c < 0.2 for c in scores.get(lab, [])))
+    raised = next(lab for lab in free if lab != lowered and lab in shown_before)
+    switched_off = next(lab for lab in free if lab not in (lowered, raised) and lab in shown_before)
+
+    # A user: types a threshold, moves a label's slider with the keyboard, clicks an off switch.
+    browser.send_keys(row(lowered, "lval"), keys["select all"] + "0.05" + keys["enter"])
+    browser.send_keys(row(raised, "lthr"), keys["end"])  # the slider's top: 0.5
+    browser.click(row(switched_off, "loff"))
+    browser.next_frames(2)
+    assert browser.execute(f"return window.reportState.labelSettings({lowered!r})")["threshold"] == 0.05
+    assert browser.execute(f"return window.reportState.labelSettings({raised!r})")["threshold"] == 0.5
+    assert browser.execute(f"return window.reportState.labelSettings({switched_off!r})")["off"] is True
+    page = shown_tags(browser)
+    assert page != [[t["label"] for t in r["tags"]] for r in run_records], "the tuning must change the cards"
+    assert switched_off not in {label for tags in page for label in tags}
+    # the counts follow too
+    counts = browser.execute("return window.reportState.labelCounts()")
+    assert counts == {lab: n for lab in TUNE_LABELS if (n := sum(lab in tags for tags in page))}
+    assert_no_page_errors(browser)
+
+    # Download vocabulary: a real download through the button.
+    target = browser.download_dir / "vocabulary.tsv"
+    target.unlink(missing_ok=True)
+    browser.click("#download-vocabulary")
+    downloaded = browser.wait_for_download("vocabulary.tsv")
+    vocabulary = read_vocabulary(downloaded)
+    assert vocabulary.labels == tuple(TUNE_LABELS)
+    entries = {entry.label: entry for entry in vocabulary.entries}
+    assert entries[lowered].threshold == 0.05 and entries[raised].threshold == 0.5
+    assert entries[switched_off].off and entries["night"].off and entries["pizza"].threshold == 0.3
+    assert {lab: "|".join(e.keyword_path) for lab, e in entries.items() if e.keyword_path} == paths
+    assert sum(e.threshold is None and not e.off for e in entries.values()) == len(TUNE_LABELS) - 5
+
+    # retag from the stored embeddings with the downloaded file keeps exactly what the page showed.
+    capsys.readouterr()
+    assert main(["-q", "retag", str(store), "--labels-file", str(downloaded), "--format", "jsonl", *common]) == 0
+    retagged = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["path"] for r in retagged] == paths_in
+    assert [[t["label"] for t in r["tags"]] for r in retagged] == page
