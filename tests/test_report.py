@@ -336,6 +336,33 @@ def test_page_assets_are_package_data(gallery):
     assert "<!DOCTYPE" not in Path(report_mod.__file__).read_text(encoding="utf-8"), "the page lives in report_assets/"
 
 
+def test_vocabulary_gives_the_page_its_starting_settings(tmp_path, capsys):
+    """`report --labels-file`: every vocabulary label is in the page (fired or not) with its own settings."""
+    from visual_buffet_siglip.cli import main
+
+    results = tmp_path / "run.jsonl"
+    results.write_text(json.dumps({"path": "a.jpg", "tags": [{"label": "dog", "confidence": 0.3},
+                                                              {"label": "stray", "confidence": 0.2}]}) + "\n",
+                       encoding="utf-8")
+    vocab = tmp_path / "vocab.tsv"
+    vocab.write_text("beach\t0.04\tNature|Coast|Beach\nblurry photo\toff\ndog\t\tAnimals|Dogs\n", encoding="utf-8")
+    out = tmp_path / "r.html"
+    assert main(["report", str(results), "-o", str(out), "--labels-file", str(vocab), "--max-tags", "3"]) == 0
+    capsys.readouterr()
+    data = extract_data(out.read_text(encoding="utf-8"))
+    assert data["labels"] == ["beach", "blurry photo", "dog", "stray"]  # the vocabulary's order, then the rest
+    assert data["vocab"] == {"thresholds": [0.04, None, None, None], "off": [False, True, False, False],
+                             "paths": ["Nature|Coast|Beach", None, "Animals|Dogs", None]}
+    assert data["maxTags"] == 3
+    assert decoded_images(data)[0]["tags"] == [("dog", 0.3), ("stray", 0.2)]
+    without = extract_data(build_report([{"path": "a.jpg", "tags": []}], threshold=0.01))
+    assert without["labels"] == [] and without["maxTags"] is None
+
+    vocab.write_text("beach\t2\n", encoding="utf-8")
+    assert main(["report", str(results), "-o", str(out), "--labels-file", str(vocab)]) == 2
+    assert f"{vocab}, line 1" in capsys.readouterr().err
+
+
 def test_report_with_only_errors_and_empty_report(tmp_path):
     records = [
         {"path": "a.jpg", "tags": [], "error": {"type": "ImageDecodeError", "message": "truncated"}},

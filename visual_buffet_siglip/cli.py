@@ -250,7 +250,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read results {args.results!r}: {exc}") from None
     root = Path(args.images_root) if args.images_root else Path.cwd()
-    print(write_report(records, Path(args.output), threshold=args.threshold, images_root=root))
+    vocabulary = None
+    if args.labels_file:
+        from .vocabulary import read_vocabulary
+
+        vocabulary = read_vocabulary(args.labels_file)
+    print(write_report(records, Path(args.output), threshold=args.threshold, images_root=root,
+                       vocabulary=vocabulary, max_tags=args.max_tags))
     return 0
 
 
@@ -376,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder the records' relative paths start from (default: the current folder, "
                         "as when tagging)")
     report.add_argument("--threshold", type=float, default=0.01, help="where the slider starts (default 0.01)")
+    report.add_argument("--labels-file", metavar="FILE", help="the vocabulary the run used: the page starts from "
+                        "its per-label thresholds and off switches, and its download keeps all its labels and "
+                        "keyword paths")
+    report.add_argument("--max-tags", type=_positive_int, help="the run's max_tags, applied by the page too "
+                        "(default: no cap)")
     report.set_defaults(func=cmd_report)
 
     host = sub.add_parser("install-into-host", help="make a Visual Buffet checkout use this plugin for 'siglip'")
