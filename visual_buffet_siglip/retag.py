@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from .outputs import UsageError
 from .config import normalize_label
 from .engine import ImageEmbedding, SiglipTagger
+from .outputs import UsageError
 from .store import Chunk, EmbeddingStore, check_compatible
 from .vocabulary import TagOptions
 
