@@ -89,12 +89,13 @@ def merge(existing: bytes | None, keywords: Sequence[Keyword], *, model: str, th
           source: str = "sidecar") -> bytes:
     """The sidecar `existing` (None: a new one) with our keywords and record replaced by these."""
     doc = _parse(existing, source) if existing is not None else minidom.parseString(TEMPLATE)
-    rdf = _first(doc.getElementsByTagNameNS(RDF, "RDF"))
+    root = doc.documentElement  # rdf:RDF is the root or a child of x:xmpmeta
+    rdf = next((e for e in (root, *_elements(root)) if (e.namespaceURI, e.localName) == (RDF, "RDF")), None)
     if rdf is None:
         raise XmpError(f"{source}: no rdf:RDF element, so it is not an XMP sidecar; left unchanged")
     descriptions = [node for node in _elements(rdf) if (node.namespaceURI, node.localName) == (RDF, "Description")]
     if not descriptions:
-        descriptions = [_append(rdf, _element(rdf, RDF, "rdf", "Description"))]
+        descriptions = [_append(rdf, _element(rdf, RDF, rdf.prefix or "rdf", "Description"))]
         descriptions[0].setAttributeNS(RDF, descriptions[0].prefix + ":about", "")
     owned = _take_our_record(descriptions)
     home = next((d for d in descriptions for e in _elements(d) if (e.namespaceURI, e.localName) in
@@ -104,7 +105,8 @@ def merge(existing: bytes | None, keywords: Sequence[Keyword], *, model: str, th
     paths = _merge_bag(descriptions, home, LR, "lr", "hierarchicalSubject", owned.get("hierarchicalSubjects", ()),
                        [k.hierarchical for k in keywords], source)
     _write_our_record(home, keywords, subjects, paths, model=model, threshold=threshold)
-    _namespace_declarations_first(doc.documentElement)
+    for description in descriptions:  # where declarations may have been added
+        _namespace_declarations_first(description)
     parts = ['<?xml version="1.0" encoding="UTF-8"?>'] + [node.toxml() for node in doc.childNodes
                                                            if node.nodeType != Node.DOCUMENT_TYPE_NODE]
     return ("\n".join(parts) + "\n").encode("utf-8")
@@ -153,19 +155,20 @@ def _merge_bag(descriptions: list[minidom.Element], home: minidom.Element, ns: s
     if prop is None:
         if not ours_now:
             return []
-        prop = _append(home, _element(home, ns, prefix, local))
+        prop = _append(home, _element(home, ns, _prefix_for(home, ns, prefix), local))
     container = _container(prop)
     if container is None:
         if _text(prop).strip():
             raise XmpError(f"{source}: {prefix}:{local} is not a bag of keywords; left unchanged")
         for child in list(prop.childNodes):
             prop.removeChild(child)
-        container = _append(prop, _element(prop, RDF, "rdf", "Bag"))
+        container = _append(prop, _element(prop, RDF, _prefix_for(prop, RDF, "rdf"), "Bag"))
     stale = set(ours_before)
     kept = [li for li in _items(container) if _text(li) not in stale]
     present = {_text(li) for li in kept}
     added = [value for value in dict.fromkeys(ours_now) if value not in present]
-    items = kept + [_text_element(container, RDF, container.prefix or "rdf", "li", value) for value in added]
+    rdf = container.prefix or _prefix_for(container, RDF, "rdf")
+    items = kept + [_text_element(container, RDF, rdf, "li", value) for value in added]
     if not items:
         _remove(prop)
         return []
@@ -187,13 +190,12 @@ def _write_our_record(home: minidom.Element, keywords: Sequence[Keyword], subjec
     if keywords:
         prop = _append(home, _element(home, NAMESPACE, prefix, "keywords"))
         seq = _append(prop, _element(prop, RDF, rdf, "Seq"))
-        for keyword in keywords:
+        for keyword in keywords:  # a struct per keyword, its fields as attributes (as darktable's history)
             li = _append(seq, _element(seq, RDF, rdf, "li"))
-            li.setAttributeNS(RDF, f"{rdf}:parseType", "Resource")
             for local, value in (("label", keyword.label), ("confidence", _number(keyword.confidence)),
                                  ("threshold", _number(keyword.threshold)), ("subject", keyword.subject),
                                  ("hierarchicalSubject", keyword.hierarchical)):
-                _append(li, _text_element(li, NAMESPACE, prefix, local, value))
+                li.setAttributeNS(NAMESPACE, f"{prefix}:{local}", value)
 
 
 def _namespace_declarations_first(element: minidom.Element) -> None:
@@ -205,8 +207,6 @@ def _namespace_declarations_first(element: minidom.Element) -> None:
             element.removeAttributeNode(attr)
         for attr in ordered:
             element.setAttributeNodeNS(attr)
-    for child in _elements(element):
-        _namespace_declarations_first(child)
 
 
 def _number(value: float) -> str:
@@ -214,10 +214,6 @@ def _number(value: float) -> str:
 
 
 # --- small DOM helpers ------------------------------------------------------------------------
-
-def _first(nodes: Any) -> Any:
-    return nodes[0] if nodes.length else None
-
 
 def _elements(node: minidom.Node) -> list[minidom.Element]:
     return [child for child in node.childNodes if child.nodeType == Node.ELEMENT_NODE]
@@ -268,13 +264,13 @@ def _prefix_for(node: minidom.Element, uri: str, preferred: str) -> str:
     return prefix
 
 
-def _element(parent: minidom.Element, uri: str, preferred: str, local: str) -> minidom.Element:
-    prefix = _prefix_for(parent, uri, preferred)
+def _element(parent: minidom.Element, uri: str, prefix: str, local: str) -> minidom.Element:
+    """A new element `prefix:local` (`prefix` already bound to `uri` where it goes, see `_prefix_for`)."""
     return parent.ownerDocument.createElementNS(uri, f"{prefix}:{local}")
 
 
-def _text_element(parent: minidom.Element, uri: str, preferred: str, local: str, value: str) -> minidom.Element:
-    element = _element(parent, uri, preferred, local)
+def _text_element(parent: minidom.Element, uri: str, prefix: str, local: str, value: str) -> minidom.Element:
+    element = _element(parent, uri, prefix, local)
     element.appendChild(parent.ownerDocument.createTextNode(value))
     return element
 
