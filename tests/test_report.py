@@ -706,3 +706,29 @@ def test_tuned_vocabulary_download_retags_to_what_the_page_showed(browser, check
     retagged = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["path"] for r in retagged] == paths_in
     assert [[t["label"] for t in r["tags"]] for r in retagged] == page
+
+
+def test_filter_finds_labels_that_never_fired(browser, tmp_path):
+    """Every vocabulary label can be tuned: the filter lists those without a score too, by label or path."""
+    from visual_buffet_siglip.vocabulary import parse_vocabulary
+
+    vocabulary = parse_vocabulary("dog\t\tAnimals|Dogs\npuppy\t\tAnimals|Dogs|Puppy\ncat\t\tAnimals|Cats\n"
+                                  "beach\t0.2\tNature|Coast|Beach\n")
+    records = [{"path": "a.jpg", "tags": [{"label": "dog", "confidence": 0.3}, {"label": "beach", "confidence": 0.1}]}]
+    out = write_report(records, tmp_path / "f.html", threshold=0.01, images_root=tmp_path, vocabulary=vocabulary)
+    open_report(browser, out)
+    listed = "return Array.from(document.querySelectorAll('#labels .lrow')).map(function (r) { return r.getAttribute('data-label'); })"
+    assert browser.execute(listed) == ["dog", "beach"]  # scored, or set in the vocabulary
+    browser.send_keys("#labels-filter", "dogs")
+    browser.next_frames(2)
+    assert browser.execute(listed) == ["dog", "puppy"]  # puppy never fired; found by its keyword path
+    browser.click(row("puppy", "loff"))
+    browser.next_frames(2)
+    text = browser.execute("return window.reportState.vocabularyText()")
+    assert [line for line in text.splitlines() if not line.startswith("#")] == [
+        "dog\t\tAnimals|Dogs", "puppy\toff\tAnimals|Dogs|Puppy", "cat\t\tAnimals|Cats", "beach\t0.2\tNature|Coast|Beach"]
+    keys = _load_webdriver().KEYS
+    browser.send_keys("#labels-filter", keys["select all"] + keys["backspace"])  # no filter
+    browser.next_frames(2)
+    assert browser.execute(listed) == ["dog", "beach", "puppy"]  # puppy now has a setting of its own
+    assert_no_page_errors(browser)

@@ -56,7 +56,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -195,7 +195,7 @@ def _html_text(s: str) -> str:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _asset(name: str) -> str:
     """One file of the page (report_assets/), as shipped in the package."""
     return resources.files("visual_buffet_siglip").joinpath("report_assets", name).read_text("utf-8")

@@ -42,7 +42,7 @@
     for (var a = 0; a < L; a++) cut[a] = off[a] ? Infinity : own[a] === null ? state.threshold : own[a];
   }
 
-  var state = { threshold: D.threshold, labelRows: LABEL_ROWS };
+  var state = { threshold: D.threshold, labelRows: LABEL_ROWS, filter: "" };
   var cards = [];          // rendered cards, in order: {i, kept, tagEls, keptEl, noneEl}
   var nextIndex = 0;       // first image without a card yet
 
@@ -322,9 +322,14 @@
     r.off.checked = !!off[li];
     r.reset.hidden = follows;
   }
+  function listed(a) {  // labels with a score or a setting; with a filter, every label of the vocabulary matching it
+    var f = state.filter;
+    if (!f) return recorded[a] || off[a] || own[a] !== null;
+    return labels[a].toLowerCase().indexOf(f) >= 0 || (V.paths[a] || "").toLowerCase().indexOf(f) >= 0;
+  }
   function sortLabels(res) {
     order = [];
-    for (var a = 0; a < L; a++) if (recorded[a] || off[a] || own[a] !== null) order.push(a);
+    for (var a = 0; a < L; a++) if (listed(a)) order.push(a);
     order.sort(function (x, y) {
       return res.counts[y] - res.counts[x] || (labels[x] < labels[y] ? -1 : labels[x] > labels[y] ? 1 : 0);
     });
@@ -336,7 +341,7 @@
       var frag = document.createDocumentFragment(), rows = Math.min(order.length, state.labelRows);
       for (var a = 0; a < rows; a++) frag.appendChild((rowEls[order[a]] || makeRow(order[a])).row);
       labelBox.textContent = "";
-      if (!rows) labelBox.appendChild(el("div", "empty-note", "No label was recorded."));
+      if (!rows) labelBox.appendChild(el("div", "empty-note", state.filter ? "No label matches." : "No label was recorded."));
       labelBox.appendChild(frag);
       state.shown = order.slice(0, rows);
     }
@@ -344,7 +349,7 @@
     state.topCount = 0;
     for (a = 0; a < shown.length; a++) state.topCount = Math.max(state.topCount, res.counts[shown[a]]);
     for (a = 0; a < shown.length; a++) syncRow(shown[a]);
-    for (a = 0; a < L; a++) if (res.counts[a]) firing++;
+    for (a = 0; a < order.length; a++) if (res.counts[order[a]]) firing++;
     document.getElementById("labels-note").textContent =
       "(" + firing + " of " + order.length + (order.length === 1 ? " fires)" : " fire)");
     if (order.length > state.labelRows) {
@@ -355,6 +360,10 @@
       moreBtn.hidden = true;
     }
   }
+  document.getElementById("labels-filter").addEventListener("input", function (ev) {
+    state.filter = ev.target.value.trim().toLowerCase();
+    if (lastCounts) drawLabels(lastCounts, true);
+  });
   moreBtn.addEventListener("click", function () {
     state.labelRows = state.labelRows > LABEL_ROWS ? LABEL_ROWS : L;
     if (lastCounts) drawLabels(lastCounts, true);
