@@ -363,6 +363,36 @@ def test_vocabulary_gives_the_page_its_starting_settings(tmp_path, capsys):
     assert f"{vocab}, line 1" in capsys.readouterr().err
 
 
+def test_report_sink_keeps_every_label_down_to_the_lowest_threshold(tmp_path):
+    """`tag --report`: off labels, labels under the global threshold or cap, and a threshold under 0.001 all reach
+    the page, which starts from the run's own selection."""
+    import numpy as np
+
+    from visual_buffet_siglip.report import ReportSink
+    from visual_buffet_siglip.vocabulary import TagOptions, parse_vocabulary, select
+
+    vocab = parse_vocabulary("a\t0.0002\nb\toff\nc\nd\n")
+
+    class Tagger:  # the three calls ReportSink makes of a SiglipTagger
+        def options(self, threshold=None):
+            return TagOptions(vocab, threshold, 1)
+
+        def embed_texts(self, labels):
+            return labels
+
+        def record(self, item, text, options):
+            return {"tags": select(text, np.asarray(item), options)}
+
+    sink = ReportSink(Tagger(), tmp_path / "r.html", threshold=0.05)
+    sink.write("x.jpg", [0.0003, 0.9, 0.01, 0.0001], {})
+    sink.close()
+    data = extract_data((tmp_path / "r.html").read_text(encoding="utf-8"))
+    assert decoded_images(data)[0]["tags"] == [("b", 0.9), ("c", 0.01), ("a", 0.0003)]
+    assert data["vocab"] == {"thresholds": [0.0002, None, None, None], "off": [False, True, False, False],
+                             "paths": [None] * 4}
+    assert data["threshold"] == 0.05 and data["maxTags"] == 1
+
+
 def test_report_with_only_errors_and_empty_report(tmp_path):
     records = [
         {"path": "a.jpg", "tags": [], "error": {"type": "ImageDecodeError", "message": "truncated"}},

@@ -26,8 +26,9 @@ Kept tags follow the same rule as tagging (``vocabulary.select``): per-label
 thresholds, ``off``, the global threshold and ``max_tags``.
 
 The explorer is only useful when the records keep tags down to a low floor:
-the CLI run that makes a report tags with threshold 0.001 and passes the
-configured threshold here, where the slider starts.
+``ReportSink`` (``tag --report``) keeps every label down to 0.001 (or the
+lowest threshold in play), off ones included and uncapped, and passes the
+run's vocabulary, threshold and ``max_tags`` here, where the page starts.
 
 Cards are built lazily while scrolling and slider updates are coalesced to one
 per animation frame, touching only rendered cards, so runs of 10,000 images
@@ -206,7 +207,7 @@ def _csp_hash(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
 
 
-def content_security_policy() -> str:
+def _content_security_policy() -> str:
     """The page's policy: nothing loaded from anywhere, only its own inline script and style run."""
     scripts = " ".join(_csp_hash(_asset(name)) for name in ("errors.js", "report.js"))
     return (f"default-src 'none'; img-src data:; style-src {_csp_hash(_asset('report.css'))}; "
@@ -316,7 +317,7 @@ def build_report(
         "vocab": _vocabulary_columns(labels, vocabulary),
         "images": images,
     }
-    fields = {"CSP": content_security_policy(), "TITLE": _html_text(title), "DATA": _embed_json(data),
+    fields = {"CSP": _content_security_policy(), "TITLE": _html_text(title), "DATA": _embed_json(data),
               "ERRORS_JS": _asset("errors.js"), "CSS": _asset("report.css"), "REPORT_JS": _asset("report.js")}
     # One pass, so text substituted for one field is never scanned for another.
     return re.sub(r"@@([A-Z_]+)@@", lambda m: fields[m.group(1)], _asset("report.html"))
