@@ -190,3 +190,44 @@ def test_many_labels_show_progress_with_an_estimate(checkpoints, caplog, monkeyp
     messages = [r.getMessage() for r in caplog.records]
     assert "encoding 30 labels with the text tower" in messages[0]
     assert any("encoding labels: 8 of 30 (26%), about" in m and m.endswith(" left") for m in messages)
+
+
+def test_every_caller_selects_with_the_vocabulary(checkpoints, images, tmp_path):
+    """tag, retag, the pluggy hook and a Ray actor's batch call give the same per-label selection."""
+    pa = pytest.importorskip("pyarrow")
+    from conftest import LABELS, make_settings
+
+    from visual_buffet_siglip import plugin
+    from visual_buffet_siglip.distributed import TagBatches, actor_settings, row_to_record
+    from visual_buffet_siglip.engine import SiglipTagger
+    from visual_buffet_siglip.retag import retag
+    from visual_buffet_siglip.store import EmbeddingStore, EmbeddingWriter
+
+    vocabulary = tmp_path / "v.tsv"
+    lines = [f"{label}\t{('off', '0.9', '0', '')[i % 4]}\tThings|{label}" for i, label in enumerate(LABELS)]
+    vocabulary.write_text("\n".join(lines), encoding="utf-8")
+    mapping = make_settings(checkpoints["siglip"], confidence_threshold=0.5, max_tags=5).to_mapping()
+    mapping.pop("labels")
+    settings = Settings.from_mapping({**mapping, "labels_file": str(vocabulary)})
+    paths = [str(p) for p in images]
+    tagger = SiglipTagger(settings)
+    store = tmp_path / "s.emb"
+    with EmbeddingWriter.for_tagger(store, tagger) as writer:
+        local = []
+        for item, record in tagger.iter_tag(paths):
+            writer.write(paths[item.index], item, record)
+            local.append(record["tags"])
+    own = {label.lower(): ("off", 0.9, 0.0, 0.5)[i % 4] for i, label in enumerate(LABELS)}
+    kept = [tag for tags in local for tag in tags]
+    assert kept and all(own[tag["label"]] != "off" and tag["confidence"] >= own[tag["label"]] for tag in kept)
+    assert any(own[tag["label"]] == 0.0 and tag["confidence"] < 0.5 for tag in kept)  # own threshold below global
+    assert [r["tags"] for _, r in retag(EmbeddingStore(store), tagger)] == local
+    config = {"plugins": {"siglip": {**settings.to_mapping(), "labels_file": str(vocabulary)}}}
+    assert [r["tags"] for r in plugin.visual_buffet_tag(images=paths, config=config)["results"]] == local
+    from visual_buffet_siglip.vocabulary import format_vocabulary
+
+    actor = TagBatches(actor_settings(settings), vocabulary=format_vocabulary(settings.vocabulary))
+    rows = actor(pa.table({"path": paths})).to_pylist()
+    assert [row_to_record(row)["tags"] for row in rows] == local
+    assert len(vocabulary_entries := settings.vocabulary.entries) == len(LABELS)
+    assert vocabulary_entries[0].keyword_path == ("Things", LABELS[0].lower())
