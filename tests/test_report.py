@@ -747,7 +747,8 @@ def test_filter_finds_labels_that_never_fired(browser, tmp_path):
     records = [{"path": "a.jpg", "tags": [{"label": "dog", "confidence": 0.3}, {"label": "beach", "confidence": 0.1}]}]
     out = write_report(records, tmp_path / "f.html", threshold=0.01, images_root=tmp_path, vocabulary=vocabulary)
     open_report(browser, out)
-    listed = "return Array.from(document.querySelectorAll('#labels .lrow')).map(function (r) { return r.getAttribute('data-label'); })"
+    listed = ("return Array.from(document.querySelectorAll('#labels .lrow'))"
+              ".map(function (r) { return r.getAttribute('data-label'); })")
     assert browser.execute(listed) == ["dog", "beach"]  # scored, or set in the vocabulary
     browser.send_keys("#labels-filter", "dogs")
     browser.next_frames(2)
@@ -756,9 +757,16 @@ def test_filter_finds_labels_that_never_fired(browser, tmp_path):
     browser.next_frames(2)
     text = browser.execute("return window.reportState.vocabularyText()")
     assert [line for line in text.splitlines() if not line.startswith("#")] == [
-        "dog\t\tAnimals|Dogs", "puppy\toff\tAnimals|Dogs|Puppy", "cat\t\tAnimals|Cats", "beach\t0.2\tNature|Coast|Beach"]
+        "dog\t\tAnimals|Dogs", "puppy\toff\tAnimals|Dogs|Puppy", "cat\t\tAnimals|Cats",
+        "beach\t0.2\tNature|Coast|Beach"]
     keys = _load_webdriver().KEYS
     browser.send_keys("#labels-filter", keys["select all"] + keys["backspace"])  # no filter
     browser.next_frames(2)
     assert browser.execute(listed) == ["dog", "beach", "puppy"]  # puppy now has a setting of its own
+    # A global threshold moved on the page is written on every label without its own, so retag agrees.
+    browser.execute("window.reportState.setThreshold(0.03)")
+    text = browser.execute("return window.reportState.vocabularyText()")
+    assert [line for line in text.splitlines() if not line.startswith("#")] == [
+        "dog\t0.03\tAnimals|Dogs", "puppy\toff\tAnimals|Dogs|Puppy", "cat\t0.03\tAnimals|Cats",
+        "beach\t0.2\tNature|Coast|Beach"]
     assert_no_page_errors(browser)

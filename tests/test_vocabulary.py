@@ -243,7 +243,7 @@ def test_keyword_paths_are_well_formed(rows):
 
 
 def test_keyword_leaf_names_the_label(rows):
-    """Below the second level a path ends in the label itself; above it, it may be a category ("dog" -> Animals|Dogs)."""
+    """Below the second level a path ends in the label itself; above, it may be a category ("dog": Animals|Dogs)."""
     bad = [(label, path) for label, _, path in rows
            if path.count("|") > 1 and path.split("|")[-1].lower() != label]
     assert not bad, f"leaf keyword differs from the label: {bad[:20]}"

@@ -25,8 +25,9 @@ CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 INSTALL_HINT = "apt-get install chromium chromium-driver"
 ELEMENT_KEY = "element-6066-11e4-a52e-4f735466cecf"  # W3C WebDriver's key for an element reference
+# Special keys for send_keys; "select all" is Control+A, then the modifiers released.
 KEYS = {"enter": "\ue007", "tab": "\ue004", "home": "\ue011", "end": "\ue010", "left": "\ue012",
-        "right": "\ue014", "backspace": "\ue003", "select all": "\ue009a\ue000"}  # Control+A, then the modifiers released
+        "right": "\ue014", "backspace": "\ue003", "select all": "\ue009a\ue000"}
 
 
 class WebDriverError(RuntimeError):
