@@ -264,7 +264,7 @@ def select(labels: Sequence[str], scores: np.ndarray, options: TagOptions) -> li
     """
     # compared in the scores' precision, as a scalar threshold is (a float32 0.01 passes a 0.01 threshold)
     cut = options.cutoffs(labels).astype(scores.dtype, copy=False)
-    keep = [(float(scores[i]), labels[i]) for i in np.flatnonzero(scores >= cut)]
+    keep = [(float(scores[i]), labels[int(i)]) for i in np.flatnonzero(scores >= cut)]
     keep.sort(key=lambda pair: (-pair[0], pair[1]))
     return [{"label": label, "confidence": conf} for conf, label in keep[:options.max_tags]]
 

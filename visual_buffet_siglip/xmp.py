@@ -48,6 +48,7 @@ XMLNS = "http://www.w3.org/2000/xmlns/"
 MAX_SIDECAR_BYTES = 16 * 1024 * 1024  # darktable's longest edit histories are well under 1 MB
 INDENT = " "
 CONTAINERS = ("Bag", "Seq", "Alt")
+Dom = Any  # a minidom node: its stubs type every child as a union of node kinds; the helpers check kinds
 
 TEMPLATE = (f'<x:xmpmeta xmlns:x="adobe:ns:meta/" x:xmptk="visual-buffet-siglip">\n'
             f' <rdf:RDF xmlns:rdf="{RDF}">\n  <rdf:Description rdf:about=""/>\n </rdf:RDF>\n</x:xmpmeta>')
@@ -112,7 +113,7 @@ def merge(existing: bytes | None, keywords: Sequence[Keyword], *, model: str, th
     return ("\n".join(parts) + "\n").encode("utf-8")
 
 
-def _parse(data: bytes, source: str) -> minidom.Document:
+def _parse(data: bytes, source: str) -> Dom:
     import defusedxml
     import defusedxml.minidom
 
@@ -128,7 +129,7 @@ def _parse(data: bytes, source: str) -> minidom.Document:
         raise XmpError(f"{source}: not well-formed XML ({exc}); left unchanged") from None
 
 
-def _take_our_record(descriptions: list[minidom.Element]) -> dict[str, list[str]]:
+def _take_our_record(descriptions: list[Dom]) -> dict[str, list[str]]:
     """Our previous record's ownership lists (subjects, hierarchicalSubjects), removed from the tree."""
     owned: dict[str, list[str]] = {}
     for description in descriptions:
@@ -143,7 +144,7 @@ def _take_our_record(descriptions: list[minidom.Element]) -> dict[str, list[str]
     return owned
 
 
-def _merge_bag(descriptions: list[minidom.Element], home: minidom.Element, ns: str, prefix: str, local: str,
+def _merge_bag(descriptions: list[Dom], home: Dom, ns: str, prefix: str, local: str,
                ours_before: Iterable[str], ours_now: list[str], source: str) -> list[str]:
     """Replace our old values of one bag property by `ours_now`; returns the values we added (now ours)."""
     for description in descriptions:
@@ -176,7 +177,7 @@ def _merge_bag(descriptions: list[minidom.Element], home: minidom.Element, ns: s
     return added
 
 
-def _write_our_record(home: minidom.Element, keywords: Sequence[Keyword], subjects: list[str],
+def _write_our_record(home: Dom, keywords: Sequence[Keyword], subjects: list[str],
                       paths: list[str], *, model: str, threshold: float) -> None:
     prefix = _prefix_for(home, NAMESPACE, PREFIX)
     rdf = _prefix_for(home, RDF, "rdf")
@@ -198,7 +199,7 @@ def _write_our_record(home: minidom.Element, keywords: Sequence[Keyword], subjec
                 li.setAttributeNS(NAMESPACE, f"{prefix}:{local}", value)
 
 
-def _namespace_declarations_first(element: minidom.Element) -> None:
+def _namespace_declarations_first(element: Dom) -> None:
     """Attributes in the order a parse gives them back (declarations first), so a rerun writes the same bytes."""
     attributes = list(element.attributes.values())
     ordered = sorted(attributes, key=lambda attr: not (attr.name == "xmlns" or attr.name.startswith("xmlns:")))
@@ -215,24 +216,24 @@ def _number(value: float) -> str:
 
 # --- small DOM helpers ------------------------------------------------------------------------
 
-def _elements(node: minidom.Node) -> list[minidom.Element]:
+def _elements(node: Dom) -> list[Dom]:
     return [child for child in node.childNodes if child.nodeType == Node.ELEMENT_NODE]
 
 
-def _container(prop: minidom.Element) -> minidom.Element | None:
+def _container(prop: Dom) -> Dom | None:
     return next((e for e in _elements(prop) if e.namespaceURI == RDF and e.localName in CONTAINERS), None)
 
 
-def _items(container: minidom.Element) -> list[minidom.Element]:
+def _items(container: Dom) -> list[Dom]:
     return [e for e in _elements(container) if (e.namespaceURI, e.localName) == (RDF, "li")]
 
 
-def _text(node: minidom.Node) -> str:
+def _text(node: Dom) -> str:
     return "".join(child.data for child in node.childNodes if child.nodeType in (Node.TEXT_NODE,
                                                                                  Node.CDATA_SECTION_NODE))
 
 
-def _indent(node: minidom.Node) -> str:
+def _indent(node: Dom) -> str:
     """The indentation `node` has (the whitespace before it), or its parent's plus one step."""
     before = node.previousSibling
     if _whitespace(before) and "\n" in before.data:
@@ -241,11 +242,11 @@ def _indent(node: minidom.Node) -> str:
     return _indent(parent) + INDENT if parent is not None and parent.nodeType == Node.ELEMENT_NODE else ""
 
 
-def _whitespace(node: minidom.Node | None) -> bool:
+def _whitespace(node: Dom | None) -> bool:
     return node is not None and node.nodeType == Node.TEXT_NODE and not node.data.strip()
 
 
-def _prefix_for(node: minidom.Element, uri: str, preferred: str) -> str:
+def _prefix_for(node: Dom, uri: str, preferred: str) -> str:
     """A prefix bound to `uri` where `node` is; declared on `node` when there is none."""
     bound: dict[str, str] = {}
     scope: Any = node
@@ -264,18 +265,18 @@ def _prefix_for(node: minidom.Element, uri: str, preferred: str) -> str:
     return prefix
 
 
-def _element(parent: minidom.Element, uri: str, prefix: str, local: str) -> minidom.Element:
+def _element(parent: Dom, uri: str, prefix: str, local: str) -> Dom:
     """A new element `prefix:local` (`prefix` already bound to `uri` where it goes, see `_prefix_for`)."""
     return parent.ownerDocument.createElementNS(uri, f"{prefix}:{local}")
 
 
-def _text_element(parent: minidom.Element, uri: str, prefix: str, local: str, value: str) -> minidom.Element:
+def _text_element(parent: Dom, uri: str, prefix: str, local: str, value: str) -> Dom:
     element = _element(parent, uri, prefix, local)
     element.appendChild(parent.ownerDocument.createTextNode(value))
     return element
 
 
-def _append(parent: minidom.Element, child: minidom.Element) -> minidom.Element:
+def _append(parent: Dom, child: Dom) -> Dom:
     """Append `child` on its own indented line, before the parent's closing indentation."""
     doc, indent = parent.ownerDocument, _indent(parent)
     last = parent.lastChild
@@ -289,7 +290,7 @@ def _append(parent: minidom.Element, child: minidom.Element) -> minidom.Element:
     return child
 
 
-def _set_children(container: minidom.Element, items: list[minidom.Element]) -> None:
+def _set_children(container: Dom, items: list[Dom]) -> None:
     """`items` as the container's only children, one an indented line (a pure function of the items)."""
     doc, indent = container.ownerDocument, _indent(container)
     for child in list(container.childNodes):
@@ -300,7 +301,7 @@ def _set_children(container: minidom.Element, items: list[minidom.Element]) -> N
     container.appendChild(doc.createTextNode("\n" + indent))
 
 
-def _remove(node: minidom.Node) -> None:
+def _remove(node: Dom) -> None:
     """Remove `node` and the indentation before it."""
     parent = node.parentNode
     if _whitespace(node.previousSibling):
