@@ -192,6 +192,15 @@ def test_sink_refuses_hostile_files_and_still_writes_the_others(tmp_path, caplog
     assert MAX_SIDECAR_BYTES < 50 * 1024 * 1024
 
 
+def test_no_keywords_and_no_sidecar_writes_nothing(tmp_path):
+    image = tmp_path / "plain.jpg"
+    image.write_bytes(b"never opened")
+    sink = XmpSink(OPTIONS, model="m")
+    sink.write(str(image), None, {"tags": tags(("blurry photo", 0.9))})  # off: never a keyword
+    sink.write(str(image), None, {"tags": []})
+    assert not (tmp_path / "plain.jpg.xmp").exists() and (sink.written, sink.failed) == (0, 0)
+
+
 def test_sidecar_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert sidecar_path("pics/IMG_1.JPG") == Path("pics/IMG_1.JPG.xmp")

@@ -71,11 +71,15 @@ class Keyword:
 
 def keywords_for(tags: Sequence[dict[str, Any]], options: TagOptions, *, root: str = "AI",
                  limit: int = 15) -> list[Keyword]:
-    """Keywords for a record's tags (already selected, best first), at most `limit`."""
+    """Keywords for a record's tags (selected, best first), at most `limit`; an `off` label is never one."""
     prefix = tuple(part for part in root.split("|") if part)
-    out = []
-    for tag in tags[:limit]:
+    out: list[Keyword] = []
+    for tag in tags:
         entry = options.vocabulary.get(tag["label"])
+        if entry.off:
+            continue
+        if len(out) == limit:
+            break
         path = entry.keyword_path or (entry.label,)
         threshold = options.threshold_for(entry.label)
         out.append(Keyword(entry.label, float(tag["confidence"]),
@@ -372,8 +376,12 @@ class XmpSink(Sink):
                 raise XmpError(f"the image {path!r} is not there (paths in a store are as named when tagged: "
                                "run from the same folder); no sidecar written")
             existing = read_sidecar(target)
-            merged = merge(existing, keywords_for(record["tags"], self.options, root=self.root, limit=self.limit),
-                           model=self.model, threshold=self.options.confidence_threshold, source=str(target))
+            keywords = keywords_for(record["tags"], self.options, root=self.root, limit=self.limit)
+            if existing is None and not keywords:  # nothing to say: no new file beside the image
+                self.unchanged += 1
+                return
+            merged = merge(existing, keywords, model=self.model, threshold=self.options.confidence_threshold,
+                           source=str(target))
             if merged == existing:
                 self.unchanged += 1
                 return
