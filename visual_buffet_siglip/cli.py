@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from . import __version__
 from .config import ConfigError, Settings, load_settings
@@ -23,6 +23,10 @@ from .images import IMAGE_SUFFIXES
 from .locks import exclusive
 from .outputs import Sink, StreamSink, UsageError, json_text, path_key
 from .targets import Target, check_targets
+
+if TYPE_CHECKING:
+    from .vocabulary import TagOptions
+    from .xmp import XmpSink
 
 __all__ = ["main", "build_parser", "expand_paths", "run_tagging", "settings_from_args", "Sink", "UsageError"]
 
@@ -78,7 +82,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 _OVERRIDES = (("model", "model"), ("confidence_threshold", "threshold"), ("max_tags", "max_tags"),
               ("labels_file", "labels_file"), ("batch_size", "batch_size"), ("device", "device"),
               ("dtype", "dtype"), ("attention", "attention"), ("quantization", "quantization"),
-              ("decode", "decode"), ("max_num_patches", "max_num_patches"), ("text_cache", "text_cache"))
+              ("decode", "decode"), ("max_num_patches", "max_num_patches"), ("text_cache", "text_cache"),
+              ("xmp_max_keywords", "xmp_max_keywords"))
 
 
 def _add_settings_args(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +91,8 @@ def _add_settings_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="registry id, SigLIP hub id or local directory")
     parser.add_argument("--threshold", type=float, help="confidence_threshold (default 0.01)")
     parser.add_argument("--max-tags", type=int, help="max_tags (default 50)")
-    parser.add_argument("--labels-file", metavar="FILE", help="one label a line; replaces the built-in vocabulary")
+    parser.add_argument("--labels-file", metavar="FILE", help="one label a line, optionally "
+                        "label<TAB>threshold|off<TAB>Keyword|Path; replaces the built-in vocabulary")
     parser.add_argument("--batch-size", type=_batch_size, help="'auto' or 1..1024")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
     parser.add_argument("--dtype", help="auto, float16, bfloat16, float32")
@@ -96,6 +102,15 @@ def _add_settings_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-patches", type=int, help="NaFlex models: 64..1024 (default 256)")
     parser.add_argument("--no-text-cache", dest="text_cache", action="store_const", const=False,
                         help="do not read or write the on-disk label-embedding cache (text_cache = false)")
+
+
+def _add_xmp_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--xmp", action="store_true", help="also write or merge <image file name>.xmp beside "
+                        "each image (dc:subject, lr:hierarchicalSubject); the user's own keywords are kept")
+    parser.add_argument("--xmp-dir", metavar="DIR", help="like --xmp, but the sidecars go to the same tree "
+                        "under DIR (for read-only libraries)")
+    parser.add_argument("--xmp-max-keywords", type=_positive_int, metavar="N",
+                        help="at most N keywords per sidecar (xmp_max_keywords, default 15)")
 
 
 def _batch_size(text: str) -> int | str:
@@ -132,6 +147,7 @@ def _tag_targets(args: argparse.Namespace) -> list[Target]:
 
 def cmd_tag(args: argparse.Namespace) -> int:
     from .engine import SiglipTagger
+    from .vocabulary import TagOptions
 
     settings = settings_from_args(args)
     unreadable: list[str] = []
@@ -146,6 +162,8 @@ def cmd_tag(args: argparse.Namespace) -> int:
                          "already tagged and appends the others")
     targets = _tag_targets(args)
     check_targets(targets, [*paths, settings.labels_file, args.config], force=args.force)
+    options = TagOptions.from_settings(settings)
+    xmp = xmp_sink(args, settings, options)
     with contextlib.ExitStack() as stack:
         for target in targets:  # one writer per appended output: a second run is refused, naming this one's PID
             if target.kind != "report":  # a report is written whole at the end: the last run's wins
@@ -195,10 +213,23 @@ def cmd_tag(args: argparse.Namespace) -> int:
             from .report import ReportSink
 
             sinks.append(ReportSink(tagger, Path(args.report), threshold=settings.confidence_threshold))
-        failed = run_tagging(tagger, paths, sinks, quiet=args.quiet)
+        failed = run_tagging(tagger, paths, sinks + ([xmp] if xmp else []), quiet=args.quiet, options=options)
     if failed:
         log.warning("%d of %d images failed; their errors are in the output", failed, len(paths))
-    return 1 if failed or unreadable or (sidecars and sidecars.failed) else 0
+    sidecars_failed = sidecars is not None and bool(sidecars.failed or sidecars.clashes)
+    return 1 if failed or unreadable or (xmp and xmp.failed) or sidecars_failed else 0
+
+
+def xmp_sink(args: argparse.Namespace, settings: Settings, options: TagOptions) -> XmpSink | None:
+    """The XMP sidecar output `--xmp` / `--xmp-dir DIR` ask for, or None."""
+    if not (args.xmp or args.xmp_dir):
+        return None
+    from .xmp import XmpSink
+
+    if args.xmp_dir and os.path.exists(args.xmp_dir) and not os.path.isdir(args.xmp_dir):
+        raise UsageError(f"--xmp-dir {args.xmp_dir!r} is not a folder")
+    return XmpSink(options, model=settings.model, root=settings.xmp_root, limit=settings.xmp_max_keywords,
+                   xmp_dir=args.xmp_dir)
 
 
 def run_tagging(tagger: Any, paths: list[str], sinks: list[Sink], *, quiet: bool = False,
@@ -266,7 +297,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read results {args.results!r}: {exc}") from None
     root = Path(args.images_root) if args.images_root else Path.cwd()
-    print(write_report(records, Path(args.output), threshold=args.threshold, images_root=root))
+    vocabulary = None
+    if args.labels_file:
+        from .vocabulary import read_vocabulary
+
+        vocabulary = read_vocabulary(args.labels_file)
+    print(write_report(records, Path(args.output), threshold=args.threshold, images_root=root,
+                       vocabulary=vocabulary, max_tags=args.max_tags))
     return 0
 
 
@@ -286,24 +323,29 @@ def cmd_retag(args: argparse.Namespace) -> int:
     from .engine import SiglipTagger
     from .retag import retag
     from .store import EmbeddingStore
+    from .vocabulary import TagOptions
 
     settings = settings_from_args(args)
     if args.output:
         check_targets([Target(args.output, "results", "-o/--output")],
                       [args.store, settings.labels_file, args.config], force=args.force)
+    options = TagOptions.from_settings(settings)
     store = EmbeddingStore(args.store)
-    records = retag(store, SiglipTagger(settings))
+    records = retag(store, SiglipTagger(settings), options=options)
+    xmp = xmp_sink(args, settings, options)
     failed = total = 0
     with contextlib.ExitStack() as stack:
-        sink = StreamSink(open_output(stack, args.output), args.format)
-        stack.callback(sink.close)
+        sinks: list[Sink] = [StreamSink(open_output(stack, args.output), args.format)] + ([xmp] if xmp else [])
+        for sink in sinks:
+            stack.callback(sink.close)
         for path, record in records:
             failed += "error" in record
             total += 1
-            sink.write(path, None, record)
+            for sink in sinks:
+                sink.write(path, None, record)
     if failed:
         log.warning("%d of %d images had failed when tagged; their errors are in the output", failed, total)
-    return 1 if failed or store.damaged else 0
+    return 1 if failed or store.damaged or (xmp and xmp.failed) else 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -368,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "store FILE, for `retag` and `search` without another vision pass")
     tag.add_argument("--report", metavar="HTML", help="also write a self-contained HTML contact sheet "
                      "with a threshold explorer (tags kept down to 0.001 for it)")
+    _add_xmp_args(tag)
     tag.set_defaults(func=cmd_tag)
 
     models = sub.add_parser("models", help="list the known SigLIP checkpoints")
@@ -393,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder the records' relative paths start from (default: the current folder, "
                         "as when tagging)")
     report.add_argument("--threshold", type=float, default=0.01, help="where the slider starts (default 0.01)")
+    report.add_argument("--labels-file", metavar="FILE", help="the vocabulary the run used: the page starts from "
+                        "its per-label thresholds and off switches, and its download keeps all its labels and "
+                        "keyword paths")
+    report.add_argument("--max-tags", type=_positive_int, help="the run's max_tags, applied by the page too "
+                        "(default: no cap)")
     report.set_defaults(func=cmd_report)
 
     host = sub.add_parser("install-into-host", help="make a Visual Buffet checkout use this plugin for 'siglip'")
@@ -408,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     retag.add_argument("-o", "--output", metavar="FILE", help="write results here instead of stdout")
     retag.add_argument("--force", action="store_true", help=_FORCE_HELP)
     _add_settings_args(retag)
+    _add_xmp_args(retag)
     retag.set_defaults(func=cmd_retag)
 
     search = sub.add_parser("search", help="find the stored images that best match a text")

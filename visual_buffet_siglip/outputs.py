@@ -202,12 +202,18 @@ class SidecarSink(Sink):
 
     def __init__(self, overwrite: bool = False):
         self.overwrite = overwrite
-        self.written = self.kept = self.failed = 0
+        self.written = self.kept = self.failed = self.clashes = 0
+        self._stems: dict[Path, dict[str, list[str]]] = {}  # folder -> stem -> image names
 
     def write(self, path: str, item: Any, record: dict[str, Any]) -> None:
         if "error" in record:
             return
         target = sidecar_path(path)
+        clash = self._clash(Path(path), target)
+        if clash:
+            self.clashes += 1
+            log.error("%s: no sidecar written: %s; its tags are only in the main output", path, clash)
+            return
         try:
             if not self.overwrite and _newer(target, Path(path)):
                 self.kept += 1
@@ -225,9 +231,35 @@ class SidecarSink(Sink):
             log.error("%s: cannot write its sidecar %s (%s); its tags are only in the main output",
                       path, target, reason)
 
+    def _clash(self, image: Path, target: Path) -> str | None:
+        """Why `target` is not this image's alone (another image shares its stem, or it names another file)."""
+        folder = image.parent
+        if folder not in self._stems:
+            from .images import IMAGE_SUFFIXES
+
+            stems: dict[str, list[str]] = {}
+            try:
+                for entry in os.scandir(folder):
+                    if Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                        stems.setdefault(Path(entry.name).stem, []).append(entry.name)
+            except OSError:
+                pass  # an unlistable folder: the document check below still guards the sidecar
+            self._stems[folder] = stems
+        others = sorted(name for name in self._stems[folder].get(image.stem, ()) if name != image.name)
+        if others:
+            return (f"{', '.join(others)} in the same folder would share {target.name}, so the host could not "
+                    "tell their tags apart; rename one of them")
+        owner = _sidecar_owner(target)
+        if owner is not None and owner != image.name:
+            return f"{target.name} holds the tags of {owner!r}, another image; move or remove it to tag this one"
+        return None
+
     def close(self) -> None:
         log.info("sidecars: %d written, %d kept because they are newer than their image%s", self.written,
                  self.kept, " (--overwrite replaces them)" if self.kept else "")
+        if self.clashes:
+            log.error("%d images got no sidecar because their name clashes with another image's; see above",
+                      self.clashes)
         if self.failed:
             log.error("%d sidecars could not be written; see the errors above", self.failed)
 
@@ -237,6 +269,20 @@ def _newer(sidecar: Path, image: Path) -> bool:
         return sidecar.stat().st_mtime_ns >= image.stat().st_mtime_ns
     except FileNotFoundError:
         return False
+
+
+def _sidecar_owner(sidecar: Path) -> str | None:
+    """The image file name an existing host-layout sidecar is about (None when missing or unknown)."""
+    try:
+        if not sidecar.is_file() or sidecar.stat().st_size > 64 * 1024 * 1024:  # a FIFO would block the read
+            return None
+        document = json.loads(sidecar.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    name = document.get("filename") or document.get("file")
+    return os.path.basename(name) if isinstance(name, str) and name else None
 
 
 def _other_results(sidecar: Path) -> dict[str, Any]:
