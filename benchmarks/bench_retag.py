@@ -102,12 +102,12 @@ def _score_dtype_check(tagger: Any, store: Any, text: np.ndarray) -> float:
     return float(np.abs(fast - tagger.score(chunk.vectors, text)).max())
 
 
-def _write_section(text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (other benchmarks own the other sections)."""
+def _write_section(text: str, heading: str = HEADING) -> None:
+    """Replace a benchmark's section of RESULTS.md (other benchmarks own the other sections)."""
     results = HERE / "RESULTS.md"
     old = results.read_text(encoding="utf-8") if results.exists() else "# Benchmark results\n"
-    if HEADING in old:
-        head, rest = old.split(HEADING, 1)
+    if heading in old:
+        head, rest = old.split(heading, 1)
         tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
         new = head + text + tail
     else:

@@ -33,6 +33,15 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {family: build_checkpoint(family, root / family) for family in FAMILIES}
 
 
+@pytest.fixture(scope="session")
+def model_args(checkpoints, tmp_path_factory) -> list[str]:
+    """CLI flags for a quick, quiet, deterministic `tag` run on the tiny SigLIP with six labels."""
+    labels = tmp_path_factory.mktemp("labels") / "labels.txt"
+    labels.write_text("\n".join(LABELS[:6]), encoding="utf-8")
+    return ["--model", str(checkpoints["siglip"]), "--device", "cpu", "--dtype", "float32", "--threshold", "0",
+            "--labels-file", str(labels), "--batch-size", "1", "-q"]
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

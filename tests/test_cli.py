@@ -143,8 +143,8 @@ def test_plan_command_simulates_machines(capsys, spec, model, expected):
 
 
 def test_plan_refuses_a_model_that_does_not_fit(capsys):
-    code, _, err = run_cli(capsys, "plan", "--simulate", "cuda:name=GTX 1650,vram_gb=4,cc=7.5",
-                           "--model", "google/siglip2-so400m-patch14-384")
+    code, _, err = run_cli(capsys, "plan", "--simulate", "cuda:name=GTX 1060 3GB,vram_gb=3,cc=6.1",
+                           "--model", "google/siglip2-giant-opt-patch16-384")
     assert code == 2 and "4bit" in err and "Traceback" not in err
 
 

@@ -114,3 +114,17 @@ def test_settings_are_frozen_and_hashable():
     with pytest.raises(AttributeError):
         settings.max_tags = 3  # type: ignore[misc]
     assert hash(settings) == hash(Settings.from_mapping({"labels": ["x"]}))
+
+
+def test_xmp_keys_validated():
+    settings = Settings.from_mapping({"xmp_max_keywords": 5, "xmp_root": " AI | SigLIP "})
+    assert (settings.xmp_max_keywords, settings.xmp_root) == (5, "AI|SigLIP")
+    assert Settings.from_mapping({}).xmp_max_keywords == 15 and Settings.from_mapping({"xmp_root": ""}).xmp_root == ""
+    problems = problems_of({"xmp_max_keywords": 0, "xmp_root": "AI||x"})
+    assert any("xmp_max_keywords = 0" in p for p in problems) and any("no empty parts" in p for p in problems)
+
+
+def test_other_tools_key_names_get_ours_suggested():
+    for key, ours in (("threshold", "confidence_threshold"), ("limit", "max_tags")):
+        [problem] = problems_of({key: 1})
+        assert f"did you mean {ours!r}" in problem

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import LABELS, make_image
+from conftest import make_image
 
 from visual_buffet_siglip import cli, outputs
 from visual_buffet_siglip.outputs import read_done, sidecar_path
@@ -41,14 +41,6 @@ def folder(tmp_path_factory) -> Path:
     for i in range(N_IMAGES):
         make_image(root / f"img{i:02d}.png", (40 + i, 36), seed=40 + i)
     return root
-
-
-@pytest.fixture(scope="module")
-def model_args(checkpoints, tmp_path_factory) -> list[str]:
-    labels = tmp_path_factory.mktemp("labels") / "labels.txt"
-    labels.write_text("\n".join(LABELS[:6]), encoding="utf-8")
-    return ["--model", str(checkpoints["siglip"]), "--device", "cpu", "--dtype", "float32", "--threshold", "0",
-            "--labels-file", str(labels), "--batch-size", "1", "-q"]
 
 
 def lines(path: Path) -> list[dict]:
@@ -148,8 +140,7 @@ def photos(tmp_path) -> list[Path]:
 
 
 def tag_sidecars(paths, model_args, *extra) -> int:
-    return cli.main(["tag", *map(str, paths), "--format", "jsonl", "-o", os.devnull, "--sidecar", *extra,
-                     *model_args])
+    return cli.main(["tag", *map(str, paths), "--format", "jsonl", "--sidecar", *extra, *model_args])
 
 
 def test_sidecars_in_the_hosts_layout(photos, model_args, tmp_path):
@@ -193,7 +184,7 @@ def test_sidecar_writes_are_atomic(photos, model_args, monkeypatch, tmp_path):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(outputs.os, "replace", crash)
-    assert tag_sidecars([beach], model_args) == 0  # the run goes on; the failure is logged
+    assert tag_sidecars([beach], model_args) == 1  # the run goes on; the failure is logged and exits 1
     assert sidecar_path(str(beach)).read_text() == '{"results": {}}', "the old sidecar is intact"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["beach.png", "beach_tags.json", "dog.png"]
 

@@ -9,6 +9,8 @@ The browser tests need the Debian packages ``chromium`` and
 from __future__ import annotations
 
 import base64
+import fnmatch
+import hashlib
 import importlib.util
 import io
 import json
@@ -17,6 +19,7 @@ import os
 import random
 import re
 import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -284,6 +287,112 @@ def test_script_injection_cannot_break_out(tmp_path):
     assert "<title>&lt;&#47;title&gt;&lt;script&gt;alert(3)&lt;&#47;script&gt;</title>" in html
 
 
+def _csp_sources(html: str) -> dict[str, list[str]]:
+    m = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]*)">', html)
+    assert m, "no CSP meta element"
+    policy = {}
+    for directive in m.group(1).split(";"):
+        name, *sources = directive.split()
+        policy[name] = sources
+    return policy
+
+
+def _sha256_source(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+def test_csp_allows_only_the_pages_own_script_and_style(gallery):
+    root, records = gallery
+    html = build_report(records, threshold=0.01, images_root=root)
+    policy = _csp_sources(html)
+    assert "unsafe-inline" not in html and "unsafe-eval" not in html
+    assert policy["default-src"] == ["'none'"] and policy["img-src"] == ["data:"]
+    assert policy["base-uri"] == ["'none'"]
+    # the meta element comes before any script or style, so it governs all of them
+    assert html.index("Content-Security-Policy") < min(html.index("<script"), html.index("<style"))
+    scripts = re.findall(r"<script>(.*?)</script>", html, re.S)
+    styles = re.findall(r"<style>(.*?)</style>", html, re.S)
+    assert len(scripts) == 2 and len(styles) == 1
+    assert sorted(policy["script-src"]) == sorted(_sha256_source(text) for text in scripts)
+    assert policy["style-src"] == [_sha256_source(styles[0])]
+    # the policy does not depend on the data: the same hashes for another report
+    assert _csp_sources(build_report([], threshold=0.3, title="other"))["script-src"] == policy["script-src"]
+
+
+def test_page_assets_are_package_data(gallery):
+    """The page is edited as HTML, CSS and JS files, shipped as package data and inlined verbatim."""
+    from visual_buffet_siglip.config import tomllib
+
+    assets = resources.files("visual_buffet_siglip").joinpath("report_assets")
+    names = sorted(entry.name for entry in assets.iterdir())
+    assert names == ["errors.js", "report.css", "report.html", "report.js"]
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    globs = pyproject["tool"]["setuptools"]["package-data"]["visual_buffet_siglip"]
+    assert all(any(fnmatch.fnmatch(f"report_assets/{name}", glob) for glob in globs) for name in names)
+    root, records = gallery
+    html = build_report(records, threshold=0.01, images_root=root)
+    for name in ("errors.js", "report.js", "report.css"):
+        assert assets.joinpath(name).read_text("utf-8") in html, name
+    assert "<!DOCTYPE" not in Path(report_mod.__file__).read_text(encoding="utf-8"), "the page lives in report_assets/"
+
+
+def test_vocabulary_gives_the_page_its_starting_settings(tmp_path, capsys):
+    """`report --labels-file`: every vocabulary label is in the page (fired or not) with its own settings."""
+    from visual_buffet_siglip.cli import main
+
+    results = tmp_path / "run.jsonl"
+    results.write_text(json.dumps({"path": "a.jpg", "tags": [{"label": "dog", "confidence": 0.3},
+                                                              {"label": "stray", "confidence": 0.2}]}) + "\n",
+                       encoding="utf-8")
+    vocab = tmp_path / "vocab.tsv"
+    vocab.write_text("beach\t0.04\tNature|Coast|Beach\nblurry photo\toff\ndog\t\tAnimals|Dogs\n", encoding="utf-8")
+    out = tmp_path / "r.html"
+    assert main(["report", str(results), "-o", str(out), "--labels-file", str(vocab), "--max-tags", "3"]) == 0
+    capsys.readouterr()
+    data = extract_data(out.read_text(encoding="utf-8"))
+    assert data["labels"] == ["beach", "blurry photo", "dog", "stray"]  # the vocabulary's order, then the rest
+    assert data["vocab"] == {"thresholds": [0.04, None, None, None], "off": [False, True, False, False],
+                             "paths": ["Nature|Coast|Beach", None, "Animals|Dogs", None]}
+    assert data["maxTags"] == 3
+    assert decoded_images(data)[0]["tags"] == [("dog", 0.3), ("stray", 0.2)]
+    without = extract_data(build_report([{"path": "a.jpg", "tags": []}], threshold=0.01))
+    assert without["labels"] == [] and without["maxTags"] is None
+
+    vocab.write_text("beach\t2\n", encoding="utf-8")
+    assert main(["report", str(results), "-o", str(out), "--labels-file", str(vocab)]) == 2
+    assert f"{vocab}, line 1" in capsys.readouterr().err
+
+
+def test_report_sink_keeps_every_label_down_to_the_lowest_threshold(tmp_path):
+    """`tag --report`: off labels, labels under the global threshold or cap, and a threshold under 0.001 all reach
+    the page, which starts from the run's own selection."""
+    import numpy as np
+
+    from visual_buffet_siglip.report import ReportSink
+    from visual_buffet_siglip.vocabulary import TagOptions, parse_vocabulary, select
+
+    vocab = parse_vocabulary("a\t0.0002\nb\toff\nc\nd\n")
+
+    class Tagger:  # the three calls ReportSink makes of a SiglipTagger
+        def options(self, threshold=None):
+            return TagOptions(vocab, threshold, 1)
+
+        def embed_texts(self, labels):
+            return labels
+
+        def record(self, item, text, options):
+            return {"tags": select(text, np.asarray(item), options)}
+
+    sink = ReportSink(Tagger(), tmp_path / "r.html", threshold=0.05)
+    sink.write("x.jpg", [0.0003, 0.9, 0.01, 0.0001], {})
+    sink.close()
+    data = extract_data((tmp_path / "r.html").read_text(encoding="utf-8"))
+    assert decoded_images(data)[0]["tags"] == [("b", 0.9), ("c", 0.01), ("a", 0.0003)]
+    assert data["vocab"] == {"thresholds": [0.0002, None, None, None], "off": [False, True, False, False],
+                             "paths": [None] * 4}
+    assert data["threshold"] == 0.05 and data["maxTags"] == 1
+
+
 def test_report_with_only_errors_and_empty_report(tmp_path):
     records = [
         {"path": "a.jpg", "tags": [], "error": {"type": "ImageDecodeError", "message": "truncated"}},
@@ -462,7 +571,8 @@ def test_threshold_explorer_in_browser(browser, gallery, tmp_path):
         assert browser.execute("return window.reportState.labelCounts()") == expected_label_counts(records, t)
         rows = browser.execute("return Array.from(document.querySelectorAll('#labels .lrow')).map(function (r) { return r.getAttribute('data-label'); })")
         counts = expected_label_counts(records, t)
-        assert rows == sorted(counts, key=lambda lab: (-counts[lab], lab))[:40]
+        recorded = {tag["label"] for r in records for tag in r["tags"]}  # every label stays listed, to be tuned
+        assert rows == sorted(recorded, key=lambda lab: (-counts.get(lab, 0), lab))[:40]
         assert t > 0.01 or value == 120
 
     # the numeric box follows, and typing in it moves the slider
@@ -474,6 +584,26 @@ def test_threshold_explorer_in_browser(browser, gallery, tmp_path):
     assert browser.execute("return window.reportState.threshold") == 0.05
     assert browser.execute(VISIBLE_JS)[0] == expected_kept(records, 0.05)
     assert_no_page_errors(browser)
+
+
+def test_csp_blocks_a_script_the_escaping_missed(browser, gallery, tmp_path):
+    """A second wall: even markup that got into the page past the escaping cannot run script."""
+    root, records = gallery
+    out = write_report(records, tmp_path / "report.html", threshold=0.01, images_root=root)
+    html = out.read_text(encoding="utf-8")
+    injected = ('<script>window.__injected = 1;</script>'
+                '<img alt="" src="data:image/png;base64,AAAA" onerror="window.__injected = 2">')
+    out.write_text(html.replace("</body>", injected + "</body>"), encoding="utf-8")
+    open_report(browser, out)
+    browser.next_frames(2)
+    assert browser.execute("return window.__injected") is None
+    violations = browser.execute("return window.__reportErrors")
+    assert violations and all(v.startswith("CSP violation: script-src") for v in violations), violations
+    log = browser.browser_log()
+    if log is not None:  # chromium reports the violation on the console too
+        assert any("Content Security Policy" in entry.get("message", "") for entry in log), log
+    # the page's own script is allowed and did its work
+    assert browser.execute("return window.reportState.imageCount()") == len(records)
 
 
 def test_ten_thousand_images_stay_responsive(browser, tmp_path):
@@ -507,4 +637,136 @@ def test_ten_thousand_images_stay_responsive(browser, tmp_path):
     rendered = browser.execute("return window.reportState.renderedCount()")
     assert rendered < 10_000
     assert browser.execute(VISIBLE_JS)[0] == expected_kept(records[:rendered], t)
+    assert_no_page_errors(browser)
+
+
+# --------------------------------------------------------------------------
+# tuning the vocabulary in the page, then retag with what it downloads
+
+TUNE_LABELS = ["dog", "cat", "golden retriever", "beach", "mountain", "red car", "blue sky", "tree",
+               "old house", "person", "city street", "night", "sunset", "food", "pizza", "flower"]
+
+
+def shown_tags(browser) -> list[list[str]]:
+    """Per card without error, the labels of the tags the page shows, top to bottom."""
+    browser.execute("window.reportState.renderAll()")
+    browser.next_frames(2)
+    return browser.execute(
+        "return Array.from(document.querySelectorAll('#cards .card:not(.error)')).map(function (c) {"
+        "  return Array.from(c.querySelectorAll('.tag')).filter(function (t) { return t.getClientRects().length; })"
+        "    .map(function (t) { return t.querySelector('.tl').textContent; }); });"
+    )
+
+
+def row(label: str, control: str) -> str:
+    return f'#labels .lrow[data-label="{label}"] .{control}'
+
+
+def test_tuned_vocabulary_download_retags_to_what_the_page_showed(browser, checkpoints, images, tmp_path, capsys):
+    from visual_buffet_siglip.cli import main
+    from visual_buffet_siglip.vocabulary import read_vocabulary
+
+    keys = _load_webdriver().KEYS
+    # The run's vocabulary: keyword paths, one label with its own threshold, one off.
+    run_vocab = tmp_path / "run-vocabulary.tsv"
+    own = {"pizza": "0.3", "night": "off"}
+    paths = {"dog": "Animals|Dogs", "golden retriever": "Animals|Dogs|Golden retriever", "beach": "Nature|Coast|Beach"}
+    run_vocab.write_text("".join(f"{label}\t{own.get(label, '')}\t{paths.get(label, '')}".rstrip("\t") + "\n"
+                                 for label in TUNE_LABELS), encoding="utf-8")
+    common = ["--model", str(checkpoints["siglip"]), "--device", "cpu", "--dtype", "float32",
+              "--threshold", "0.2", "--max-tags", "6"]
+    store, report, tagged = tmp_path / "run.emb", tmp_path / "report.html", tmp_path / "run.jsonl"
+    paths_in = [str(p) for p in images]
+    assert main(["-q", "tag", *paths_in, "--labels-file", str(run_vocab), "--save-embeddings", str(store),
+                 "--report", str(report), "--format", "jsonl", "-o", str(tagged), *common]) == 0
+    run_records = [json.loads(line) for line in tagged.read_text(encoding="utf-8").splitlines()]
+
+    open_report(browser, report)
+    assert_no_page_errors(browser)
+    # The page starts from the run's own selection: exactly the tags the run wrote.
+    assert shown_tags(browser) == [[t["label"] for t in r["tags"]] for r in run_records]
+    assert browser.execute("return window.reportState.labelSettings('night')")["off"] is True
+    assert browser.execute("return window.reportState.labelSettings('pizza')")["threshold"] == 0.3
+    assert any(len(r["tags"]) == 6 for r in run_records), "max_tags must matter in this run"
+
+    # Pick labels whose change shows on the cards (the random model's scores decide which).
+    data = extract_data(report.read_text(encoding="utf-8"))
+    scores: dict[str, list[float]] = {}
+    for im in data["images"]:
+        for li, conf in im["tags"]:
+            scores.setdefault(data["labels"][li], []).append(conf)
+    shown_before = {label for tags in shown_tags(browser) for label in tags}
+    free = [lab for lab in TUNE_LABELS if lab not in own]
+    lowered = max(free, key=lambda lab: sum(0.05 <= c < 0.2 for c in scores.get(lab, [])))
+    raised = next(lab for lab in free if lab != lowered and lab in shown_before)
+    switched_off = next(lab for lab in free if lab not in (lowered, raised) and lab in shown_before)
+
+    # A user: types a threshold, moves a label's slider with the keyboard, clicks an off switch.
+    browser.send_keys(row(lowered, "lval"), keys["select all"] + "0.05" + keys["enter"])
+    browser.send_keys(row(raised, "lthr"), keys["end"])  # the slider's top: 0.5
+    browser.click(row(switched_off, "loff"))
+    browser.next_frames(2)
+    assert browser.execute(f"return window.reportState.labelSettings({lowered!r})")["threshold"] == 0.05
+    assert browser.execute(f"return window.reportState.labelSettings({raised!r})")["threshold"] == 0.5
+    assert browser.execute(f"return window.reportState.labelSettings({switched_off!r})")["off"] is True
+    page = shown_tags(browser)
+    assert page != [[t["label"] for t in r["tags"]] for r in run_records], "the tuning must change the cards"
+    assert switched_off not in {label for tags in page for label in tags}
+    # the counts follow too
+    counts = browser.execute("return window.reportState.labelCounts()")
+    assert counts == {lab: n for lab in TUNE_LABELS if (n := sum(lab in tags for tags in page))}
+    assert_no_page_errors(browser)
+
+    # Download vocabulary: a real download through the button.
+    target = browser.download_dir / "vocabulary.tsv"
+    target.unlink(missing_ok=True)
+    browser.click("#download-vocabulary")
+    downloaded = browser.wait_for_download("vocabulary.tsv")
+    vocabulary = read_vocabulary(downloaded)
+    assert vocabulary.labels == tuple(TUNE_LABELS)
+    entries = {entry.label: entry for entry in vocabulary.entries}
+    assert entries[lowered].threshold == 0.05 and entries[raised].threshold == 0.5
+    assert entries[switched_off].off and entries["night"].off and entries["pizza"].threshold == 0.3
+    assert {lab: "|".join(e.keyword_path) for lab, e in entries.items() if e.keyword_path} == paths
+    assert sum(e.threshold is None and not e.off for e in entries.values()) == len(TUNE_LABELS) - 5
+
+    # retag from the stored embeddings with the downloaded file keeps exactly what the page showed.
+    capsys.readouterr()
+    assert main(["-q", "retag", str(store), "--labels-file", str(downloaded), "--format", "jsonl", *common]) == 0
+    retagged = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["path"] for r in retagged] == paths_in
+    assert [[t["label"] for t in r["tags"]] for r in retagged] == page
+
+
+def test_filter_finds_labels_that_never_fired(browser, tmp_path):
+    """Every vocabulary label can be tuned: the filter lists those without a score too, by label or path."""
+    from visual_buffet_siglip.vocabulary import parse_vocabulary
+
+    vocabulary = parse_vocabulary("dog\t\tAnimals|Dogs\npuppy\t\tAnimals|Dogs|Puppy\ncat\t\tAnimals|Cats\n"
+                                  "beach\t0.2\tNature|Coast|Beach\n")
+    records = [{"path": "a.jpg", "tags": [{"label": "dog", "confidence": 0.3}, {"label": "beach", "confidence": 0.1}]}]
+    out = write_report(records, tmp_path / "f.html", threshold=0.01, images_root=tmp_path, vocabulary=vocabulary)
+    open_report(browser, out)
+    listed = ("return Array.from(document.querySelectorAll('#labels .lrow'))"
+              ".map(function (r) { return r.getAttribute('data-label'); })")
+    assert browser.execute(listed) == ["dog", "beach"]  # scored, or set in the vocabulary
+    browser.send_keys("#labels-filter", "dogs")
+    browser.next_frames(2)
+    assert browser.execute(listed) == ["dog", "puppy"]  # puppy never fired; found by its keyword path
+    browser.click(row("puppy", "loff"))
+    browser.next_frames(2)
+    text = browser.execute("return window.reportState.vocabularyText()")
+    assert [line for line in text.splitlines() if not line.startswith("#")] == [
+        "dog\t\tAnimals|Dogs", "puppy\toff\tAnimals|Dogs|Puppy", "cat\t\tAnimals|Cats",
+        "beach\t0.2\tNature|Coast|Beach"]
+    keys = _load_webdriver().KEYS
+    browser.send_keys("#labels-filter", keys["select all"] + keys["backspace"])  # no filter
+    browser.next_frames(2)
+    assert browser.execute(listed) == ["dog", "beach", "puppy"]  # puppy now has a setting of its own
+    # A global threshold moved on the page is written on every label without its own, so retag agrees.
+    browser.execute("window.reportState.setThreshold(0.03)")
+    text = browser.execute("return window.reportState.vocabularyText()")
+    assert [line for line in text.splitlines() if not line.startswith("#")] == [
+        "dog\t0.03\tAnimals|Dogs", "puppy\toff\tAnimals|Dogs|Puppy", "cat\t0.03\tAnimals|Cats",
+        "beach\t0.2\tNature|Coast|Beach"]
     assert_no_page_errors(browser)

@@ -10,14 +10,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from conftest import LABELS, make_settings
-from hypothesis import given
-from hypothesis import strategies as st
 
 from visual_buffet_siglip import engine
 from visual_buffet_siglip import retag as retag_module
 from visual_buffet_siglip.cli import Sink, UsageError, main, run_tagging
 from visual_buffet_siglip.config import normalize_labels
-from visual_buffet_siglip.engine import SiglipTagger, select_tags
+from visual_buffet_siglip.engine import SiglipTagger
 from visual_buffet_siglip.retag import retag, search
 from visual_buffet_siglip.store import EmbeddingStore, EmbeddingWriter, StoreError, StoreIdentity
 
@@ -218,17 +216,6 @@ def test_narrow_label_sets_score_like_wide_ones(checkpoints):
         narrow = tagger.score(vectors, text[:k])
         assert narrow.dtype == np.float32 and np.abs(narrow - wide[:, :k]).max() <= 1e-7
     assert wide.std() > 1e-2  # the scores really vary
-
-
-@given(st.lists(st.sampled_from([0.0, 0.01, 0.25, 0.5, 0.75, 1.0]), min_size=0, max_size=12),
-       st.sampled_from([0.0, 0.01, 0.5, 1.0]), st.integers(1, 5))
-def test_select_tags_filters_sorts_and_caps(values, threshold, max_tags):
-    labels = [f"label {chr(97 + i)}" for i in range(len(values))][::-1]  # ties must break by label
-    scores = np.array(values, dtype=np.float32)
-    expected = sorted(((float(s), label) for label, s in zip(labels, scores) if s >= threshold),
-                      key=lambda pair: (-pair[0], pair[1]))[:max_tags]
-    assert select_tags(labels, scores, threshold, max_tags) == [{"label": label, "confidence": conf}
-                                                                 for conf, label in expected]
 
 
 def test_resumed_tag_run_completes_the_store(checkpoints, photos, tmp_path, capsys):

@@ -102,7 +102,7 @@ def test_every_truncation_keeps_exactly_the_complete_chunks(tmp_path, caplog):
     write_store(path, items(4), chunk_rows=2)
     data = path.read_bytes()
     header_end = data.index(b"\n") + 1
-    first_end = header_end + 8 + int.from_bytes(data[header_end:header_end + 8], "little")
+    first_end = header_end + 16 + int.from_bytes(data[header_end:header_end + 8], "little")
     cut = tmp_path / "cut.emb"
     for size in range(header_end, len(data)):
         cut.write_bytes(data[:size])
@@ -164,7 +164,7 @@ def test_unusable_files_are_named_with_what_to_do(tmp_path, content, message):
     assert str(path) in str(caught.value)
 
 
-def test_damaged_chunk_is_an_error_not_garbage(tmp_path):
+def test_damaged_chunk_is_reported_never_scored(tmp_path, caplog):
     path = tmp_path / "s.emb"
     write_store(path, items(2))
     data = bytearray(path.read_bytes())
@@ -175,8 +175,11 @@ def test_damaged_chunk_is_an_error_not_garbage(tmp_path):
     header, rest = wide.read_bytes().split(b"\n", 1)
     wide.write_bytes(json.dumps({**json.loads(header), "dim": 9}).encode() + b"\n" + rest)
     for broken in (path, wide):
-        with pytest.raises(StoreError, match="damaged after row 0"):
-            read_rows(broken)
+        store = EmbeddingStore(broken)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="visual_buffet_siglip.store"):
+            assert list(store.chunks()) == []
+        assert store.damaged and "damaged after row 0" in caplog.text and str(broken) in caplog.text
 
 
 def test_identity_round_trips_through_the_header(tmp_path):
@@ -184,3 +187,116 @@ def test_identity_round_trips_through_the_header(tmp_path):
     with EmbeddingWriter(tmp_path / "s.emb", naflex):
         pass
     assert EmbeddingStore(tmp_path / "s.emb").identity == naflex
+
+
+# --- integrity: checksums, damage reported with the rows kept, old stores, odd names --------------
+
+def frame_offsets(path) -> list[int]:
+    return [end for _, end in EmbeddingStore(path).frames()]
+
+
+def test_a_flipped_bit_in_a_row_is_damage_not_wrong_tags(tmp_path, caplog):
+    path = tmp_path / "s.emb"
+    write_store(path, items(4, fail=frozenset()), chunk_rows=2)
+    data = bytearray(path.read_bytes())
+    first_end = frame_offsets(path)[0]
+    vector_bytes = items(4, fail=frozenset())[2].vector.tobytes()
+    at = data.index(vector_bytes, first_end)  # row 2 lives in the second frame
+    data[at] ^= 0x01  # the lowest mantissa bit: still a unit vector, so only a checksum notices
+    path.write_bytes(bytes(data))
+    store = EmbeddingStore(path)
+    with caplog.at_level(logging.WARNING, logger="visual_buffet_siglip.store"):
+        rows = [name for chunk in store.chunks() for name in chunk.paths]
+    assert rows == ["photos/ä 0.jpg", "photos/ä 1.jpg"]
+    assert store.damaged and "damaged" in caplog.text and "2 rows" in caplog.text and str(path) in caplog.text
+
+
+def test_a_broken_length_field_is_damage_not_a_torn_end(tmp_path, caplog):
+    path = tmp_path / "s.emb"
+    write_store(path, items(6, fail=frozenset()), chunk_rows=2)
+    data = bytearray(path.read_bytes())
+    second = frame_offsets(path)[0]
+    data[second + 5] ^= 0x40  # the length now points far past the end of the file
+    path.write_bytes(bytes(data))
+    store = EmbeddingStore(path)
+    with caplog.at_level(logging.WARNING, logger="visual_buffet_siglip.store"):
+        assert len(read_rows(path)) == 2
+        list(store.chunks())
+    assert store.damaged and "damaged" in caplog.text and "incomplete" not in caplog.text
+
+
+def test_a_torn_last_frame_is_not_damage(tmp_path):
+    path = tmp_path / "s.emb"
+    write_store(path, items(4), chunk_rows=2)
+    os.truncate(path, path.stat().st_size - 3)
+    store = EmbeddingStore(path)
+    assert [len(c.paths) for c in store.chunks()] == [2] and not store.damaged
+
+
+def write_version_1_store(path, rows) -> None:
+    """A store as 0.1.0 wrote it: no checksums."""
+    from safetensors.numpy import save
+
+    header = {"format": "visual-buffet-siglip/embeddings", "format_version": 1, **IDENTITY.__dict__}
+    vectors = np.stack([item.vector for item in rows])
+    metadata = {"paths": json.dumps([item.source for item in rows]), "errors": json.dumps([None] * len(rows)),
+                "elapsed_ms": json.dumps([1.0] * len(rows))}
+    document = save({"embeddings": vectors}, metadata=metadata)
+    path.write_bytes(json.dumps(header).encode() + b"\n" + len(document).to_bytes(8, "little") + document)
+
+
+def test_a_version_1_store_is_read_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "old.emb"
+    rows = items(3, fail=frozenset())
+    write_version_1_store(path, rows)
+    with caplog.at_level(logging.WARNING, logger="visual_buffet_siglip.store"):
+        back = read_rows(path)
+    assert [r[1] for r in back] == [item.source for item in rows]
+    assert "without checksums" in caplog.text
+
+
+def test_a_garbled_frame_in_an_old_store_is_a_store_error_not_unexpected(tmp_path, caplog):
+    path = tmp_path / "old.emb"
+    write_version_1_store(path, items(3, fail=frozenset()))
+    data = bytearray(path.read_bytes())
+    start = data.index(b"\n") + 1 + 8
+    data[start:start + 8] = b"\xff" * 8  # the safetensors header size: nonsense
+    path.write_bytes(bytes(data))
+    store = EmbeddingStore(path)
+    with caplog.at_level(logging.WARNING, logger="visual_buffet_siglip.store"):
+        assert list(store.chunks()) == []
+    assert store.damaged and "0 rows" in caplog.text
+
+
+def test_names_that_are_not_utf8_round_trip(tmp_path):
+    path = tmp_path / "s.emb"
+    rows = items(2, fail=frozenset())
+    odd = os.fsdecode(b"caf\xe9.jpg")
+    write_store(path, [ImageEmbedding(0, odd, rows[0].vector, None, 1.0), rows[1]])
+    assert [r[1] for r in read_rows(path)] == [odd, rows[1].source]
+
+
+def test_a_new_store_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "s.emb"
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(StoreError, match="No space left on device"):
+        EmbeddingWriter(path, IDENTITY)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_version_1_store_is_continued_in_its_own_format(tmp_path):
+    path = tmp_path / "old.emb"
+    rows = items(4, fail=frozenset())
+    write_version_1_store(path, rows[:2])
+    store = EmbeddingStore(path)
+    handle = open(path, "r+b")
+    handle.seek(0, os.SEEK_END)
+    with EmbeddingWriter(path, store.identity, handle=handle, version=store.version) as writer:
+        for item in rows[2:]:
+            writer.write(item.source, item)
+    assert [r[1] for r in read_rows(path)] == [item.source for item in rows]
+    assert not EmbeddingStore(path).damaged

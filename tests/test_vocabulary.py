@@ -52,7 +52,7 @@ def load_labels() -> list[str]:
     for line in VOCAB_PATH.read_text(encoding="utf-8").splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        labels.append(line)
+        labels.append(line.split("\t")[0])  # the label column of the vocabulary format
     return labels
 
 
@@ -204,3 +204,64 @@ def test_normalize_keeps_singulars_ending_in_s(word):
 )
 def test_normalize_keeps_distinct_words(a, b):
     assert normalize(a) != normalize(b)
+
+
+# --- keyword paths of the built-in vocabulary ---------------------------------
+
+# The top-level categories the file's header documents; every path starts with one.
+TOP_LEVELS = {
+    "Activities", "Animals", "Architecture", "Art", "Clothing", "Documents", "Events", "Food", "Nature",
+    "Objects", "People", "Places", "Plants", "Sports", "Style", "Time", "Vehicles", "Weather",
+}
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[list[str]]:
+    """The tab-separated columns of each entry line, in file order."""
+    return [line.split("\t") for line in VOCAB_PATH.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_every_label_has_a_keyword_path(rows):
+    bad = [row for row in rows if len(row) != 3 or row[1] != "" or not row[2]]
+    assert not bad, f"expected label<TAB><TAB>keyword path (empty threshold): {bad[:10]}"
+
+
+def test_keyword_paths_are_well_formed(rows):
+    bad = []
+    for label, _, path in rows:
+        parts = path.split("|")
+        if any(not part or part != " ".join(part.split()) for part in parts):
+            bad.append((label, path, "empty or badly spaced part"))
+        elif parts[0] not in TOP_LEVELS:
+            bad.append((label, path, "top level not in the documented set"))
+        elif any(not (part[0].isupper() or part[0].isdigit()) for part in parts):
+            bad.append((label, path, "a part does not start with a capital"))
+        elif len(parts) > 4:
+            bad.append((label, path, "deeper than 4 levels"))
+    assert not bad, f"malformed keyword paths: {bad[:20]}"
+
+
+def test_keyword_leaf_names_the_label(rows):
+    """Below the second level a path ends in the label itself; above, it may be a category ("dog": Animals|Dogs)."""
+    bad = [(label, path) for label, _, path in rows
+           if path.count("|") > 1 and path.split("|")[-1].lower() != label]
+    assert not bad, f"leaf keyword differs from the label: {bad[:20]}"
+
+
+def test_keyword_paths_are_unique(rows):
+    seen: dict[str, str] = {}
+    dupes = [(label, seen[path]) for label, _, path in rows if seen.setdefault(path, label) != label]
+    assert not dupes, f"labels sharing one keyword path: {dupes}"
+
+
+def test_header_documents_the_top_levels():
+    header = " ".join(line.lstrip("# ") for line in VOCAB_PATH.read_text(encoding="utf-8").splitlines()
+                      if line.startswith("#"))
+    missing = sorted(top for top in TOP_LEVELS if top not in header)
+    assert not missing, f"top-level categories not named in the file's header: {missing}"
+
+
+def test_every_top_level_is_used(rows):
+    used = {path.split("|")[0] for _, _, path in rows}
+    assert used == TOP_LEVELS, f"documented but unused: {sorted(TOP_LEVELS - used)}"

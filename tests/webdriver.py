@@ -24,6 +24,10 @@ from typing import Any
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 INSTALL_HINT = "apt-get install chromium chromium-driver"
+ELEMENT_KEY = "element-6066-11e4-a52e-4f735466cecf"  # W3C WebDriver's key for an element reference
+# Special keys for send_keys; "select all" is Control+A, then the modifiers released.
+KEYS = {"enter": "\ue007", "tab": "\ue004", "home": "\ue011", "end": "\ue010", "left": "\ue012",
+        "right": "\ue014", "backspace": "\ue003", "select all": "\ue009a\ue000"}
 
 
 class WebDriverError(RuntimeError):
@@ -39,7 +43,8 @@ def _free_port() -> int:
 class Browser:
     """One headless Chromium session. Use as a context manager."""
 
-    def __init__(self, *, width: int = 1280, height: int = 900, timeout: float = 30.0):
+    def __init__(self, *, width: int = 1280, height: int = 900, timeout: float = 30.0,
+                 download_dir: str | os.PathLike[str] | None = None):
         missing = [p for p in (CHROMEDRIVER, CHROMIUM) if not Path(p).exists()]
         if missing:
             raise WebDriverError(f"{', '.join(missing)} not found: install them with `{INSTALL_HINT}`")
@@ -54,6 +59,9 @@ class Browser:
         )
         self.base = f"http://127.0.0.1:{self.port}"
         self.session_id: str | None = None
+        # Downloads land here without a prompt (the page's "Download vocabulary" button).
+        self.download_dir = Path(download_dir) if download_dir else Path(self._tmp) / "downloads"
+        self.download_dir.mkdir(parents=True, exist_ok=True)
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -86,6 +94,10 @@ class Browser:
                                 f"--window-size={width},{height}",
                                 f"--user-data-dir={Path(self._tmp) / 'profile'}",
                             ],
+                            "prefs": {
+                                "download.default_directory": str(self.download_dir),
+                                "download.prompt_for_download": False,
+                            },
                         },
                         "goog:loggingPrefs": {"browser": "ALL"},
                     }
@@ -141,6 +153,30 @@ class Browser:
     def execute_async(self, script: str, *args: Any, timeout: float = 120) -> Any:
         """``script`` gets its arguments and, last, a ``done(value)`` callback."""
         return self._s("POST", "/execute/async", {"script": script, "args": list(args)}, timeout)
+
+    def find(self, css: str) -> str:
+        """The WebDriver id of the first element matching the CSS selector."""
+        value = self._s("POST", "/element", {"using": "css selector", "value": css})
+        return value[ELEMENT_KEY]
+
+    def click(self, css: str) -> None:
+        """A real click (scrolled into view, hit-tested), as a user makes it."""
+        self._s("POST", f"/element/{self.find(css)}/click")
+
+    def send_keys(self, css: str, text: str) -> None:
+        """Type into the element (it gets the focus first); use the KEYS code points for special keys."""
+        self._s("POST", f"/element/{self.find(css)}/value", {"text": text})
+
+    def wait_for_download(self, name: str, timeout: float = 30.0) -> Path:
+        """The finished download `name` in download_dir (Chromium writes a .crdownload first)."""
+        path = self.download_dir / name
+        deadline = time.monotonic() + timeout
+        while not (path.is_file() and not path.with_name(name + ".crdownload").exists()):
+            if time.monotonic() > deadline:
+                found = sorted(p.name for p in self.download_dir.iterdir())
+                raise WebDriverError(f"no download {name!r} after {timeout:.0f} s (folder holds {found})")
+            time.sleep(0.05)
+        return path
 
     def wait_for(self, js_condition: str, timeout: float = 30.0) -> Any:
         deadline = time.monotonic() + timeout

@@ -17,12 +17,19 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from . import __version__
 from .config import ConfigError, Settings, load_settings
+from .fileio import ReplacingOutput, replaced_at_end
 from .images import IMAGE_SUFFIXES
-from .outputs import Sink, StreamSink, UsageError
+from .locks import exclusive
+from .outputs import Sink, StreamSink, UsageError, json_text, path_key
+from .targets import Target, check_targets
+
+if TYPE_CHECKING:
+    from .vocabulary import TagOptions
+    from .xmp import XmpSink
 
 __all__ = ["main", "build_parser", "expand_paths", "run_tagging", "settings_from_args", "Sink", "UsageError"]
 
@@ -31,31 +38,35 @@ log = logging.getLogger(PACKAGE_LOGGER)
 
 # --- inputs ---------------------------------------------------------------------------------
 
-def expand_paths(paths: Sequence[str], recursive: bool = False) -> Iterator[str]:
+def expand_paths(paths: Sequence[str], recursive: bool = False,
+                 unreadable: list[str] | None = None) -> Iterator[str]:
     """Image paths from files and directories, as the user named them, sorted within each directory.
 
     A named file is always included (a bad one becomes an error record); inside
     directories only files with image suffixes count. Streams, so 100,000 files
-    never sit in one list.
+    never sit in one list. A folder that cannot be listed is logged as an error
+    and appended to `unreadable`, so the run can exit 1.
     """
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            yield from _walk(path, recursive)
+            yield from _walk(path, recursive, unreadable)
         else:
             yield raw
 
 
-def _walk(folder: Path, recursive: bool) -> Iterator[str]:
+def _walk(folder: Path, recursive: bool, unreadable: list[str] | None) -> Iterator[str]:
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as exc:
-        log.warning("cannot list %s: %s", folder, exc)
+        log.error("cannot list folder %s (%s); its images are not tagged", folder, exc.strerror or exc)
+        if unreadable is not None:
+            unreadable.append(str(folder))
         return
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
             if recursive and not entry.name.startswith("."):
-                yield from _walk(Path(entry.path), recursive)
+                yield from _walk(Path(entry.path), recursive, unreadable)
         elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and not entry.name.startswith("."):
             yield os.path.join(str(folder), entry.name)
 
@@ -111,7 +122,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 _OVERRIDES = (("model", "model"), ("confidence_threshold", "threshold"), ("max_tags", "max_tags"),
               ("labels_file", "labels_file"), ("batch_size", "batch_size"), ("device", "device"),
               ("dtype", "dtype"), ("attention", "attention"), ("quantization", "quantization"),
-              ("decode", "decode"), ("max_num_patches", "max_num_patches"), ("text_cache", "text_cache"))
+              ("decode", "decode"), ("max_num_patches", "max_num_patches"), ("text_cache", "text_cache"),
+              ("xmp_max_keywords", "xmp_max_keywords"))
 
 
 def _add_settings_args(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +131,8 @@ def _add_settings_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="registry id, SigLIP hub id or local directory")
     parser.add_argument("--threshold", type=float, help="confidence_threshold (default 0.01)")
     parser.add_argument("--max-tags", type=int, help="max_tags (default 50)")
-    parser.add_argument("--labels-file", metavar="FILE", help="one label a line; replaces the built-in vocabulary")
+    parser.add_argument("--labels-file", metavar="FILE", help="one label a line, optionally "
+                        "label<TAB>threshold|off<TAB>Keyword|Path; replaces the built-in vocabulary")
     parser.add_argument("--batch-size", type=_batch_size, help="'auto' or 1..1024")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
     parser.add_argument("--dtype", help="auto, float16, bfloat16, float32")
@@ -131,38 +144,89 @@ def _add_settings_args(parser: argparse.ArgumentParser) -> None:
                         help="do not read or write the on-disk label-embedding cache (text_cache = false)")
 
 
+def _add_xmp_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--xmp", action="store_true", help="also write or merge <image file name>.xmp beside "
+                        "each image (dc:subject, lr:hierarchicalSubject); the user's own keywords are kept")
+    parser.add_argument("--xmp-dir", metavar="DIR", help="like --xmp, but the sidecars go to the same tree "
+                        "under DIR (for read-only libraries)")
+    parser.add_argument("--xmp-max-keywords", type=_positive_int, metavar="N",
+                        help="at most N keywords per sidecar (xmp_max_keywords, default 15)")
+
+
 def _batch_size(text: str) -> int | str:
     return text if text == "auto" else int(text)
 
 
 # --- output ---------------------------------------------------------------------------------
 
-def open_output(stack: contextlib.ExitStack, path: str | None, append: bool = False) -> IO[str]:
-    """`path` opened for writing or appending (closed with `stack`), or stdout when no path is given."""
-    return stack.enter_context(open(path, "a" if append else "w", encoding="utf-8")) if path else sys.stdout
+def open_output(stack: contextlib.ExitStack, path: str | None, append: bool = False) -> IO[str] | ReplacingOutput:
+    """Where records go: stdout when no path is given, else `path`, replaced (or appended to) only at the first
+    record, so a run that fails before it leaves the previous file whole. Closed with `stack`."""
+    if not path:
+        return sys.stdout
+    output = ReplacingOutput(path, append=append)
+    stack.callback(output.close)
+    return output
+
+
+# --- commands -------------------------------------------------------------------------------
+
+def _tag_targets(args: argparse.Namespace) -> list[Target]:
+    targets = []
+    if args.output:
+        targets.append(Target(args.output, "parquet" if args.format == "parquet" else "results", "-o/--output",
+                              replace=not args.resume))  # resume appends, after read_done checked every line
+    if args.report:
+        targets.append(Target(args.report, "report", "--report"))
+    if args.save_embeddings:
+        targets.append(Target(args.save_embeddings, "store", "--save-embeddings", replace=False))
+    return targets
 
 
 # --- commands -------------------------------------------------------------------------------
 
 def cmd_tag(args: argparse.Namespace) -> int:
     from .engine import SiglipTagger
+    from .vocabulary import TagOptions
 
     settings = settings_from_args(args)
     named = input_paths(args)
-    paths = list(expand_paths(named, args.recursive))
+    unreadable: list[str] = []
+    paths = list(expand_paths(named, args.recursive, unreadable))
     if not paths:
         raise UsageError("no images found in " + (", ".join(named[:5]) or "the path list")
                          + ("" if args.recursive else " (use --recursive for subfolders)"))
     if args.overwrite and not args.sidecar:
         raise UsageError("--overwrite only applies to --sidecar")
-    if args.resume:
-        from .outputs import remaining_paths
-
-        requested, paths = paths, remaining_paths(paths, args.output, args.format)
-        if not paths:
-            log.info("nothing to do: every image is already in %s", args.output)
-            return 0
+    if args.resume and (args.output is None or args.format != "jsonl"):
+        raise UsageError("--resume needs --output FILE --format jsonl: it reads FILE back to skip the images "
+                         "already tagged and appends the others")
+    targets = _tag_targets(args)
+    check_targets(targets, [*paths, settings.labels_file, args.config], force=args.force)
+    options = TagOptions.from_settings(settings)
+    xmp = xmp_sink(args, settings, options)
     with contextlib.ExitStack() as stack:
+        for target in targets:  # one writer per appended output: a second run is refused, naming this one's PID
+            if target.kind != "report":  # a report is written whole at the end: the last run's wins
+                stack.enter_context(exclusive(target.path))
+        contents, embed_first = None, []
+        if args.save_embeddings:
+            from .store import check_new, read_contents
+
+            if args.resume:
+                contents = read_contents(args.save_embeddings)
+            else:
+                check_new(args.save_embeddings)
+        if args.resume:
+            from .outputs import remaining_paths
+
+            requested, paths = paths, remaining_paths(paths, args.output, args.format)
+            if args.save_embeddings:  # images in the output whose store rows were lost: embedded first
+                stored, pending = contents.stored if contents else set(), set(paths)
+                embed_first = [p for p in requested if p not in pending and path_key(p) not in stored]
+            if not paths and not embed_first:
+                log.info("nothing to do: every image is already in %s", args.output)
+                return 1 if unreadable else 0
         tagger: Any  # a SiglipTagger, or a RayTagger with the same iter_tag
         if args.ray or args.ray_address or args.actors is not None:
             from .distributed import cli_tagger
@@ -170,29 +234,44 @@ def cmd_tag(args: argparse.Namespace) -> int:
             tagger = stack.enter_context(cli_tagger(args, settings))
         else:
             tagger = SiglipTagger(settings)
-        if args.format == "parquet":
+        if args.format == "parquet":  # binary, written whole: a temporary file, moved into place at the end
             from .distributed import parquet_sink
 
-            sinks: list[Sink] = [parquet_sink(args.output)]
+            parquet = stack.enter_context(replaced_at_end(args.output))
+            sinks: list[Sink] = [parquet_sink(parquet)]
         else:
             sinks = [StreamSink(open_output(stack, args.output, append=args.resume), args.format)]
+        sidecars = None
         if args.sidecar:
             from .outputs import SidecarSink
 
-            sinks.append(SidecarSink(overwrite=args.overwrite))
+            sidecars = SidecarSink(overwrite=args.overwrite)
+            sinks.append(sidecars)
         if args.save_embeddings:
             from .store import writer_for_tag
 
-            sinks.append(writer_for_tag(args.save_embeddings, tagger, todo=paths,
-                                        requested=requested if args.resume else None))
+            sinks.append(writer_for_tag(args.save_embeddings, tagger, contents=contents, embed_first=embed_first))
         if args.report:
             from .report import ReportSink
 
             sinks.append(ReportSink(tagger, Path(args.report), threshold=settings.confidence_threshold))
-        failed = run_tagging(tagger, paths, sinks, quiet=args.quiet)
+        failed = run_tagging(tagger, paths, sinks + ([xmp] if xmp else []), quiet=args.quiet, options=options)
     if failed:
         log.warning("%d of %d images failed; their errors are in the output", failed, len(paths))
-    return 1 if failed else 0
+    sidecars_failed = sidecars is not None and bool(sidecars.failed or sidecars.clashes)
+    return 1 if failed or unreadable or (xmp and xmp.failed) or sidecars_failed else 0
+
+
+def xmp_sink(args: argparse.Namespace, settings: Settings, options: TagOptions) -> XmpSink | None:
+    """The XMP sidecar output `--xmp` / `--xmp-dir DIR` ask for, or None."""
+    if not (args.xmp or args.xmp_dir):
+        return None
+    from .xmp import XmpSink
+
+    if args.xmp_dir and os.path.exists(args.xmp_dir) and not os.path.isdir(args.xmp_dir):
+        raise UsageError(f"--xmp-dir {args.xmp_dir!r} is not a folder")
+    return XmpSink(options, model=settings.model, root=settings.xmp_root, limit=settings.xmp_max_keywords,
+                   xmp_dir=args.xmp_dir)
 
 
 def run_tagging(tagger: Any, paths: list[str], sinks: list[Sink], *, quiet: bool = False,
@@ -263,12 +342,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import read_records, write_report
 
+    check_targets([Target(args.output, "report", "-o/--output")], [args.results], force=args.force)
     try:
         records = read_records(Path(args.results))
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read results {args.results!r}: {exc}") from None
     root = Path(args.images_root) if args.images_root else Path.cwd()
-    print(write_report(records, Path(args.output), threshold=args.threshold, images_root=root))
+    vocabulary = None
+    if args.labels_file:
+        from .vocabulary import read_vocabulary
+
+        vocabulary = read_vocabulary(args.labels_file)
+    print(write_report(records, Path(args.output), threshold=args.threshold, images_root=root,
+                       vocabulary=vocabulary, max_tags=args.max_tags))
     return 0
 
 
@@ -288,19 +374,29 @@ def cmd_retag(args: argparse.Namespace) -> int:
     from .engine import SiglipTagger
     from .retag import retag
     from .store import EmbeddingStore
+    from .vocabulary import TagOptions
 
-    records = retag(EmbeddingStore(args.store), SiglipTagger(settings_from_args(args)))
+    settings = settings_from_args(args)
+    if args.output:
+        check_targets([Target(args.output, "results", "-o/--output")],
+                      [args.store, settings.labels_file, args.config], force=args.force)
+    options = TagOptions.from_settings(settings)
+    store = EmbeddingStore(args.store)
+    records = retag(store, SiglipTagger(settings), options=options)
+    xmp = xmp_sink(args, settings, options)
     failed = total = 0
     with contextlib.ExitStack() as stack:
-        sink = StreamSink(open_output(stack, args.output), args.format)
-        stack.callback(sink.close)
+        sinks: list[Sink] = [StreamSink(open_output(stack, args.output), args.format)] + ([xmp] if xmp else [])
+        for sink in sinks:
+            stack.callback(sink.close)
         for path, record in records:
             failed += "error" in record
             total += 1
-            sink.write(path, None, record)
+            for sink in sinks:
+                sink.write(path, None, record)
     if failed:
         log.warning("%d of %d images had failed when tagged; their errors are in the output", failed, total)
-    return 1 if failed else 0
+    return 1 if failed or store.damaged or (xmp and xmp.failed) else 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -308,12 +404,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .retag import search
     from .store import EmbeddingStore
 
-    for hit in search(EmbeddingStore(args.store), SiglipTagger(settings_from_args(args)), args.query, args.k):
+    store = EmbeddingStore(args.store)
+    for hit in search(store, SiglipTagger(settings_from_args(args)), args.query, args.k):
         if args.format == "jsonl":
-            print(json.dumps({"path": hit.path, "score": hit.score}, ensure_ascii=False))
+            print(json_text({"path": hit.path, "score": hit.score}))
         else:
-            print(f"{hit.score:8.4f}  {hit.path}")
-    return 0
+            print(f"{hit.score:8.4f}  {hit.path}".encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+    return 1 if store.damaged else 0
 
 
 def print_json(value: Any) -> None:
@@ -391,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     tag.add_argument("--format", choices=("json", "jsonl", "table", "parquet"), default="json",
                      help="parquet needs --output FILE and pyarrow (extra `ray`)")
     tag.add_argument("-o", "--output", metavar="FILE", help="write results here instead of stdout")
+    tag.add_argument("--force", action="store_true", help=_FORCE_HELP)
     _add_settings_args(tag)
     tag.add_argument("--ray", action="store_true", help="tag on Ray actors (extra `ray`): a local Ray instance "
                      "unless --ray-address names a cluster; same records as without it")
@@ -408,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "store FILE, for `retag` and `search` without another vision pass")
     tag.add_argument("--report", metavar="HTML", help="also write a self-contained HTML contact sheet "
                      "with a threshold explorer (tags kept down to 0.001 for it)")
+    _add_xmp_args(tag)
     tag.set_defaults(func=cmd_tag)
 
     models = sub.add_parser("models", help="list the known SigLIP checkpoints")
@@ -430,10 +529,16 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="HTML contact sheet from an earlier jsonl run")
     report.add_argument("results", metavar="RESULTS.jsonl")
     report.add_argument("-o", "--output", metavar="HTML", required=True)
+    report.add_argument("--force", action="store_true", help=_FORCE_HELP)
     report.add_argument("--images-root", metavar="DIR",
                         help="folder the records' relative paths start from (default: the current folder, "
                         "as when tagging)")
     report.add_argument("--threshold", type=float, default=0.01, help="where the slider starts (default 0.01)")
+    report.add_argument("--labels-file", metavar="FILE", help="the vocabulary the run used: the page starts from "
+                        "its per-label thresholds and off switches, and its download keeps all its labels and "
+                        "keyword paths")
+    report.add_argument("--max-tags", type=_positive_int, help="the run's max_tags, applied by the page too "
+                        "(default: no cap)")
     report.set_defaults(func=cmd_report)
 
     host = sub.add_parser("install-into-host", help="make a Visual Buffet checkout use this plugin for 'siglip'")
@@ -447,7 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     retag.add_argument("store", metavar="FILE", help="a store written by `tag --save-embeddings`")
     retag.add_argument("--format", choices=("json", "jsonl", "table"), default="json")
     retag.add_argument("-o", "--output", metavar="FILE", help="write results here instead of stdout")
+    retag.add_argument("--force", action="store_true", help=_FORCE_HELP)
     _add_settings_args(retag)
+    _add_xmp_args(retag)
     retag.set_defaults(func=cmd_retag)
 
     search = sub.add_parser("search", help="find the stored images that best match a text")
@@ -464,6 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--format", choices=("text", "json"), default="text")
     doctor.set_defaults(func=cmd_doctor)
     return parser
+
+
+_FORCE_HELP = ("replace an existing output file that this tool did not write (images, inputs, links and "
+               "devices are refused even so)")
 
 
 def _add_verbosity(parser: argparse.ArgumentParser, default: Any) -> None:

@@ -14,9 +14,13 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .vocabulary import Vocabulary
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -63,7 +67,9 @@ class Settings:
     decode: str = "fast"
     text_cache: bool = True
     cache_dir: str | None = None
-    _label_set: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    xmp_max_keywords: int = 15
+    xmp_root: str = "AI"
+    _vocabulary: Vocabulary | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_mapping(cls, block: Mapping[str, Any] | None = None, *,
@@ -73,7 +79,7 @@ class Settings:
         if problems:
             raise ConfigError(problems)
         settings = cls(**values)
-        object.__setattr__(settings, "_label_set", _read_label_set(settings))
+        object.__setattr__(settings, "_vocabulary", _read_vocabulary(settings))
         if not settings.label_set:
             raise ConfigError(f"labels_file = {settings.labels_file!r}: the file holds no labels")
         return settings
@@ -97,9 +103,15 @@ class Settings:
         return tuple(getattr(self, name) for name in MODEL_KEYS)
 
     @property
+    def vocabulary(self) -> Vocabulary:
+        """The labels to score with their own settings: `labels`, else `labels_file`, else the built-in one."""
+        assert self._vocabulary is not None, "build Settings with Settings.from_mapping"
+        return self._vocabulary
+
+    @property
     def label_set(self) -> tuple[str, ...]:
-        """The labels to score: `labels`, else `labels_file`, else the built-in vocabulary."""
-        return self._label_set
+        """The labels to score, in vocabulary order."""
+        return self.vocabulary.labels
 
 
 _LABEL_KEYS = {"labels", "labels_file"}
@@ -159,25 +171,33 @@ def normalize_labels(labels: Any) -> tuple[str, ...]:
 
 
 def parse_label_lines(text: str) -> tuple[str, ...]:
-    """Labels from a labels file: one a line, blank lines and `#` comments ignored."""
-    return normalize_labels(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    """The labels of a labels file's text (the vocabulary format: per-label columns are read and dropped)."""
+    from .vocabulary import parse_vocabulary
+
+    return parse_vocabulary(text).labels
 
 
 def builtin_vocabulary() -> tuple[str, ...]:
-    """The curated built-in vocabulary shipped in `data/vocabulary.txt`."""
+    """The labels of the curated built-in vocabulary shipped in `data/vocabulary.txt`."""
+    return _builtin().labels
+
+
+@lru_cache(maxsize=1)
+def _builtin() -> Vocabulary:
+    from .vocabulary import parse_vocabulary
+
     text = resources.files("visual_buffet_siglip").joinpath("data/vocabulary.txt").read_text("utf-8")
-    return parse_label_lines(text)
+    return parse_vocabulary(text, "the built-in vocabulary (data/vocabulary.txt)")
 
 
-def _read_label_set(settings: Settings) -> tuple[str, ...]:
+def _read_vocabulary(settings: Settings) -> Vocabulary:
+    from .vocabulary import Vocabulary, read_vocabulary
+
     if settings.labels is not None:
-        return settings.labels
+        return Vocabulary.from_labels(settings.labels)
     if settings.labels_file is not None:
-        try:
-            return parse_label_lines(Path(settings.labels_file).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"labels_file = {settings.labels_file!r}: cannot read it ({exc})") from None
-    return builtin_vocabulary()
+        return read_vocabulary(settings.labels_file)
+    return _builtin()
 
 
 # --- validation -----------------------------------------------------------------------------
@@ -267,6 +287,15 @@ def _check_labels(key: str, value: Any) -> tuple[Any, str | None]:
     return None, f"{key} = {_describe(value)}: expected a non-empty list of label strings"
 
 
+def _check_keyword_root(key: str, value: Any) -> tuple[Any, str | None]:
+    if isinstance(value, str):
+        parts = [" ".join(part.split()) for part in value.split("|")] if value.strip() else []
+        if all(parts):
+            return "|".join(parts), None
+    return None, (f"{key} = {_describe(value)}: expected a keyword path such as \"AI\" or \"AI|SigLIP\" "
+                  "(no empty parts), or \"\" for none")
+
+
 def _check_optional_path(key: str, value: Any) -> tuple[Any, str | None]:
     if isinstance(value, str) and value.strip():
         return value, None
@@ -289,7 +318,13 @@ _CHECKS = {
     "decode": lambda k, v: _check_choice(k, v, DECODES),
     "text_cache": _check_bool,
     "cache_dir": _check_optional_path,
+    "xmp_max_keywords": lambda k, v: _check_int(k, v, 1, None),
+    "xmp_root": _check_keyword_root,
 }
+
+# Keys people write from other tools' configs (the host's own names among them).
+ALIASES = {"threshold": "confidence_threshold", "min_confidence": "confidence_threshold",
+           "limit": "max_tags", "vocabulary": "labels_file", "max_keywords": "xmp_max_keywords"}
 
 
 def _validate(block: Mapping[Any, Any], base_dir: str | os.PathLike[str] | None
@@ -300,7 +335,7 @@ def _validate(block: Mapping[Any, Any], base_dir: str | os.PathLike[str] | None
     problems: list[str] = []
     for key, value in block.items():
         if not isinstance(key, str) or key not in _CHECKS:
-            close = suggest(str(key), KEYS)
+            close = ALIASES.get(str(key).lower()) or suggest(str(key), KEYS)
             hint = f" (did you mean {close!r}?)" if close else ""
             problems.append(f"unknown key {_describe(key)} in [plugins.{PLUGIN_NAME}]{hint}; "
                             f"known keys: {', '.join(KEYS)}")
@@ -316,9 +351,9 @@ def _validate(block: Mapping[Any, Any], base_dir: str | os.PathLike[str] | None
         path = Path(os.path.expanduser(values["labels_file"]))  # Path.expanduser raises on ~unknown-user
         if base_dir is not None and not path.is_absolute():
             path = Path(base_dir) / path
-        if not path.is_file():
-            problems.append(f"labels_file = {_describe(values['labels_file'])}: no such file "
-                            f"({str(path)!r}); give a text file with one label a line")
+        problem = _labels_file_problem(path)
+        if problem:
+            problems.append(f"labels_file = {_describe(values['labels_file'])}: {problem}")
         else:
             values["labels_file"] = str(path.resolve())
     if "cache_dir" in values:
@@ -327,6 +362,21 @@ def _validate(block: Mapping[Any, Any], base_dir: str | os.PathLike[str] | None
             problems.append(f"cache_dir = {_describe(values['cache_dir'])}: cannot expand '~' (no such user); "
                             "give an absolute path")
     return values, problems
+
+
+def _labels_file_problem(path: Path) -> str | None:
+    """Why `path` cannot be a labels file (a missing file, a folder, a device...), or None."""
+    from .vocabulary import file_kind
+
+    try:
+        kind = file_kind(path.stat().st_mode)
+    except FileNotFoundError:
+        return f"no such file ({str(path)!r}); give a text file with one label a line"
+    except OSError as exc:
+        return f"cannot read {str(path)!r} ({exc.strerror or exc})"
+    if kind != "file":
+        return f"{str(path)!r} is {kind}, not a text file; give a text file with one label a line"
+    return None
 
 
 def default_settings() -> Settings:

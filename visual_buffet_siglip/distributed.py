@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import ray.data
 
     from .engine import ImageEmbedding
+    from .vocabulary import TagOptions
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +145,16 @@ class TagBatches:
     Output: `result_schema` + pass-through.
     """
 
-    def __init__(self, settings: Mapping[str, Any], embeddings: bool = False):
+    def __init__(self, settings: Mapping[str, Any], embeddings: bool = False, vocabulary: str | None = None):
         from .engine import SiglipTagger
+        from .vocabulary import TagOptions, parse_vocabulary
 
         self.tagger = SiglipTagger(Settings.from_mapping(settings))
-        self.tagger.embed_texts(self.tagger.settings.label_set)  # loads the model, encodes (or reads) the labels
+        self.options = TagOptions.from_settings(self.tagger.settings)
+        if vocabulary is not None:  # the labels' own thresholds and keyword paths travel as vocabulary text
+            self.options = TagOptions(parse_vocabulary(vocabulary), self.options.confidence_threshold,
+                                      self.options.max_tags)
+        self.tagger.embed_texts(self.options.labels)  # loads the model, encodes (or reads) the labels
         self.embeddings = embeddings
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -162,7 +168,7 @@ class TagBatches:
         blobs = batch.column("bytes").to_pylist() if "bytes" in batch.column_names else [None] * len(paths)
         sources = [path if blob is None else blob for path, blob in zip(paths, blobs)]
         rows = []
-        for item, record in self.tagger.iter_tag(sources):
+        for item, record in self.tagger.iter_tag(sources, options=self.options):
             path = paths[item.index]
             record = renamed(record, describe(item.source), path)
             rows.append(record_to_row(path, record, item.vector if self.embeddings else None))
@@ -252,18 +258,26 @@ def actor_settings(settings: Settings) -> dict[str, Any]:
 
 def tag_dataset(dataset: ray.data.Dataset, settings: Settings | Mapping[str, Any] | None = None, *,
                 actors: int | None = None, num_cpus: float | None = None, num_gpus: float | None = None,
-                batch_size: int = ROWS_PER_CALL, embeddings: bool = False) -> ray.data.Dataset:
+                batch_size: int = ROWS_PER_CALL, embeddings: bool = False,
+                options: TagOptions | None = None) -> ray.data.Dataset:
     """Tag every image of `dataset` on Ray actors; returns a lazy Dataset of result rows.
 
     `dataset` has a `path` column (read by the actors: local or shared storage)
     or `path` + `bytes` (from `read_binary_files(..., include_paths=True)`, e.g.
     on object storage). Rows follow `result_schema(embeddings)`, other input
     columns pass through; `row_to_record` gives the output-contract record.
-    Actor count and resources come from `plan_actors` unless given.
+    Actor count and resources come from `plan_actors` unless given. `options`
+    (default: the settings') select the tags, exactly as a local run would.
     """
+    from .vocabulary import TagOptions, format_vocabulary
+
     ray = import_ray()
     if not isinstance(settings, Settings):
         settings = Settings.from_mapping(settings or {})
+    if options is None:
+        options = TagOptions.from_settings(settings)
+    mapping = {**actor_settings(settings), "labels": list(options.labels),
+               "confidence_threshold": options.confidence_threshold, "max_tags": options.max_tags}
     if not ray.is_initialized():
         ray.init()
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
@@ -271,13 +285,14 @@ def tag_dataset(dataset: ray.data.Dataset, settings: Settings | Mapping[str, Any
     log.info("Ray: %d actor(s), %g CPU and %g GPU each (%s)", shape.actors, shape.num_cpus, shape.num_gpus,
              "; ".join(f"{k}: {v}" for k, v in shape.reasons.items()))
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    options: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+    actor_env: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
     return dataset.map_batches(
-        TagBatches, fn_constructor_kwargs={"settings": actor_settings(settings), "embeddings": embeddings},
+        TagBatches, fn_constructor_kwargs={"settings": mapping, "embeddings": embeddings,
+                                           "vocabulary": format_vocabulary(options.vocabulary)},
         batch_size=batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=shape.actors),
         num_cpus=shape.num_cpus, num_gpus=shape.num_gpus,
-        **options)
+        **actor_env)
 
 
 # --- the CLI's view: SiglipTagger.iter_tag on Ray ----------------------------------------------
@@ -319,16 +334,18 @@ class RayTagger:
         self._started = True
 
     def iter_tag(self, images: Sequence[str], *, labels: Sequence[str] | None = None,
-                 threshold: float | None = None, max_tags: int | None = None
+                 threshold: float | None = None, max_tags: int | None = None, options: TagOptions | None = None
                  ) -> Iterator[tuple[ImageEmbedding, dict[str, Any]]]:
         """(embedding, result record) per image path, in input order, as `SiglipTagger.iter_tag` gives them."""
         from .engine import ImageEmbedding
+        from .vocabulary import TagOptions
 
-        settings = self._with(labels=labels, confidence_threshold=threshold, max_tags=max_tags)
+        if options is None:
+            options = TagOptions.from_settings(self.settings, labels=labels, threshold=threshold, max_tags=max_tags)
         self._connect()
         dataset = self._ray.data.from_items([{"index": i, "path": os.fsencode(os.path.abspath(p))}
                                              for i, p in enumerate(images)])
-        results = tag_dataset(dataset, settings, actors=self.actors, embeddings=True)
+        results = tag_dataset(dataset, self.settings, actors=self.actors, embeddings=True, options=options)
         try:
             for row in in_input_order(results.iter_rows()):
                 name = images[row["index"]]
@@ -343,10 +360,6 @@ class RayTagger:
             from .models import ModelLoadError
 
             raise ModelLoadError(f"a Ray actor could not set up the tagger: {_root_cause(str(exc))}") from None
-
-    def _with(self, **changes: Any) -> Settings:
-        changes = {key: value for key, value in changes.items() if value is not None}
-        return self.settings.replace(**changes) if changes else self.settings
 
 
 def cli_tagger(args: Any, settings: Settings) -> RayTagger:

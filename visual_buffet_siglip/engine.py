@@ -37,17 +37,21 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import MAX_LENGTH, TEMPLATE, Settings, default_settings, normalize_label, normalize_labels
+from .config import MAX_LENGTH, TEMPLATE, Settings, default_settings, normalize_label
 from .hardware import HardwareProfile, Plan, cpu_cores, detect
 from .hardware import plan as make_plan
 from .images import ImageError, ImageSource, describe, load_image
 from .models import LoadedModel, load, model_info
+from .residency import text_tower_on
 from .textcache import DiskLabelStore, LabelEmbeddingCache, cache_root, library_versions, weights_digest
+from .vocabulary import TagOptions, select
 
 log = logging.getLogger(__name__)
 
 TEXT_BATCH = 64
 TEXT_SAVE_EVERY = 512  # labels encoded between two writes of the disk cache
+PROGRESS_LABELS = 2048  # encoding this many labels takes long enough to show progress
+PROGRESS_SECONDS = 10.0
 MAX_DECODE_WORKERS = 16
 NARROW_SCORING = 4  # label sets this small are scored with numpy's einsum (see _Scorer)
 
@@ -226,7 +230,7 @@ class SiglipTagger:
             "weights": weights_digest(loaded.source),
             "template": TEMPLATE, "lowercase": True, "padding": "max_length", "max_length": MAX_LENGTH,
             "dtype": plan.dtype, "quantization": plan.quantization, "attention": plan.attention,
-            "device": torch.device(plan.device).type,
+            "device": torch.device(plan.text_device).type,  # where the text tower encodes
             **library_versions(),
         }
 
@@ -237,17 +241,34 @@ class SiglipTagger:
         found = cache.get(keyed)
         missing = [label for label in dict.fromkeys(keyed) if label not in found]
         if missing:
-            with self._text_lock:  # one thread encodes; others waiting for the same labels reuse them
+            # one thread encodes; others waiting for the same labels reuse them
+            with self._text_lock, text_tower_on(self.loaded.model, self.plan.text_device):
                 found.update(cache.get(missing, count=False))
                 missing = [label for label in missing if label not in found]
                 # saved as it goes, so a run killed while encoding a big vocabulary keeps most of it
+                progress = _TextProgress(len(missing))
+                truncated: list[str] = []
                 for start in range(0, len(missing), TEXT_SAVE_EVERY):
-                    fresh = self._encode_texts(missing[start:start + TEXT_SAVE_EVERY])
+                    chunk = missing[start:start + TEXT_SAVE_EVERY]
+                    truncated += self._too_long(chunk)
+                    fresh = self._encode_texts(chunk)
                     cache.put(fresh)
                     found.update(fresh)
+                    progress.update(len(fresh))
+                if truncated:
+                    log.warning("%d label(s) are longer than the model's %d tokens in the prompt and were cut "
+                                "there, so their end is ignored: %s", len(truncated), MAX_LENGTH,
+                                ", ".join(repr(label[:60] + ("..." if len(label) > 60 else ""))
+                                          for label in truncated[:3]) + (", ..." if len(truncated) > 3 else ""))
         if not keyed:
             return np.zeros((0, self._embed_dim()), dtype=np.float32)
         return np.stack([found[label] for label in keyed])
+
+    def _too_long(self, labels: list[str]) -> list[str]:
+        """The labels whose prompt is longer than MAX_LENGTH tokens (the model sees it cut there)."""
+        tokenizer = self.loaded.processor.tokenizer
+        ids = tokenizer([prompt_for(label) for label in labels], padding=False, truncation=False)["input_ids"]
+        return [label for label, row in zip(labels, ids) if len(row) > MAX_LENGTH]
 
     def _encode_texts(self, labels: list[str]) -> dict[str, np.ndarray]:
         loaded = self.loaded
@@ -257,7 +278,7 @@ class SiglipTagger:
             chunk = labels[start:start + TEXT_BATCH]
             tokens = tokenizer([prompt_for(label) for label in chunk], padding="max_length",
                                max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
-            inputs = {k: v.to(self._device) for k, v in tokens.items()
+            inputs = {k: v.to(self.plan.text_device) for k, v in tokens.items()
                       if k in ("input_ids", "attention_mask", "position_ids")}
             with self._model_lock, torch.inference_mode():
                 features = _pooled(loaded.model.get_text_features(**inputs))
@@ -394,28 +415,40 @@ class SiglipTagger:
         return _Scorer(self.loaded.model, text_embeddings)(image_embeddings)
 
     # --- tagging ---------------------------------------------------------------------------
+    def options(self, *, labels: Sequence[str] | None = None, threshold: float | None = None,
+                max_tags: int | None = None) -> TagOptions:
+        """This tagger's settings as per-call tag options: plain `labels` replace the vocabulary."""
+        return TagOptions.from_settings(self.settings, labels=labels, threshold=threshold, max_tags=max_tags)
+
     def iter_tag(self, images: Iterable[ImageSource], *, labels: Sequence[str] | None = None,
-                 threshold: float | None = None, max_tags: int | None = None
+                 threshold: float | None = None, max_tags: int | None = None, options: TagOptions | None = None
                  ) -> Iterator[tuple[ImageEmbedding, dict[str, Any]]]:
-        """(embedding, result record) per image, streamed in input order."""
-        label_list = list(normalize_labels(labels)) if labels is not None else list(self.settings.label_set)
-        scorer = _Scorer(self.loaded.model, self.embed_texts(label_list))
+        """(embedding, result record) per image, streamed in input order.
+
+        `options` says which tags to keep (default: the settings'); `labels`,
+        `threshold` and `max_tags` are shorthands that build them.
+        """
+        if options is None:
+            options = self.options(labels=labels, threshold=threshold, max_tags=max_tags)
+        scorer = _Scorer(self.loaded.model, self.embed_texts(options.labels))
         for batch in self._batches(images):
             good = [(item.index, item.vector) for item in batch if item.vector is not None]
             rows = dict(zip((index for index, _ in good),
                             scorer(np.stack([vector for _, vector in good])))) if good else {}
             for item in batch:
-                yield item, self.record_scores(item, label_list, rows.get(item.index),
-                                               threshold=threshold, max_tags=max_tags)
+                yield item, self.record_scores(item, rows.get(item.index), options)
 
-    def record(self, item: ImageEmbedding, labels: Sequence[str], text: np.ndarray, *,
-               threshold: float | None = None, max_tags: int | None = None) -> dict[str, Any]:
-        """The output-contract record for one image embedding against a label set."""
+    def record(self, item: ImageEmbedding, text: np.ndarray, options: TagOptions,
+               labels: Sequence[str] | None = None) -> dict[str, Any]:
+        """The output-contract record for one image embedding against `text`, the embedded `labels`.
+
+        `labels` default to the options' own; a caller may score more (the host's candidates).
+        """
         scores = None if item.error is not None or item.vector is None else self.score(item.vector[None, :], text)[0]
-        return self.record_scores(item, labels, scores, threshold=threshold, max_tags=max_tags)
+        return self.record_scores(item, scores, options, labels)
 
-    def record_scores(self, item: ImageEmbedding, labels: Sequence[str], scores: np.ndarray | None, *,
-                      threshold: float | None = None, max_tags: int | None = None) -> dict[str, Any]:
+    def record_scores(self, item: ImageEmbedding, scores: np.ndarray | None, options: TagOptions,
+                      labels: Sequence[str] | None = None) -> dict[str, Any]:
         """`record` from this image's row of `score` (re-tagging scores many images per call)."""
         if item.error is not None:
             return {"tags": [], "error": item.error}
@@ -425,9 +458,7 @@ class SiglipTagger:
                        f"(dtype {self.plan.dtype}); set dtype = \"float32\"")
             return {"tags": [], "error": {"type": NonFiniteScoreError.__name__, "message": message}}
         return {
-            "tags": select_tags(labels, scores,
-                                self.settings.confidence_threshold if threshold is None else threshold,
-                                self.settings.max_tags if max_tags is None else max_tags),
+            "tags": select(options.labels if labels is None else labels, scores, options),
             "model": self.settings.model,
             "version": __version__,
             "inference_time_ms": round(item.elapsed_ms, 3),
@@ -438,12 +469,29 @@ class SiglipTagger:
         return [record for _, record in self.iter_tag(images, **kwargs)]
 
 
-def select_tags(labels: Sequence[str], scores: np.ndarray, threshold: float, max_tags: int
-                ) -> list[dict[str, Any]]:
-    """Labels scoring >= threshold, by confidence descending then label, at most max_tags."""
-    keep = [(float(scores[i]), labels[int(i)]) for i in np.flatnonzero(scores >= threshold)]
-    keep.sort(key=lambda pair: (-pair[0], pair[1]))
-    return [{"label": label, "confidence": conf} for conf, label in keep[:max_tags]]
+class _TextProgress:
+    """Logs how far encoding a large vocabulary is, with an estimate, every PROGRESS_SECONDS."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.start = self.last = time.perf_counter()
+        self.enabled = total >= PROGRESS_LABELS
+        if self.enabled:
+            log.info("encoding %d labels with the text tower (once per model; cached for later runs)", total)
+
+    def update(self, count: int) -> None:
+        self.done += count
+        now = time.perf_counter()
+        if not self.enabled or self.done >= self.total or now - self.last < PROGRESS_SECONDS:
+            return
+        self.last = now
+        left = (now - self.start) / self.done * (self.total - self.done)
+        log.info("encoding labels: %d of %d (%d%%), about %s left", self.done, self.total,
+                 100 * self.done // self.total, _duration(left))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def _fixed_resize(loaded: LoadedModel) -> tuple[tuple[int, int], int] | None:
@@ -485,4 +533,4 @@ def _ms(start: float) -> float:
 
 
 __all__ = ["SiglipTagger", "ImageEmbedding", "DecodePolicy", "decode_policy", "NonFiniteScoreError",
-           "prompt_for", "select_tags"]
+           "prompt_for"]

@@ -22,32 +22,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError
+from .memory import GIB, VISION_SHAPES, WEIGHT_BYTES, MemoryEstimate, per_image_bytes, predict
 
 if TYPE_CHECKING:
     from .config import Settings
     from .models import ModelInfo
 
-GIB = float(2**30)
 HALF = ("float16", "bfloat16")
 
-# --- memory model ----------------------------------------------------------------------------
-# Bytes per parameter for the weights (vision + text towers are both loaded).
-# 8bit/4bit are averages: embeddings, norms and the pooling head stay in half.
-WEIGHT_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "8bit": 1.1, "4bit": 0.6}
-# DESIGN section 5 minimum card size, as a multiple of the float16 minimum.
-MIN_VRAM_FACTOR = {"float32": 2.0, "float16": 1.0, "bfloat16": 1.0, "8bit": 0.5, "4bit": 0.25}
-# Cards report a little less than their marketed size (a 6 GB card shows ~5.8).
-FIT_TOLERANCE = 0.95
-HEADROOM = 0.15  # share of free memory never planned for (fragmentation, other tenants)
-CUDA_CONTEXT_GB = 0.5  # CUDA context + cuBLAS/cuDNN workspaces
-# Per-image working set = tokens x width x bytes x ACTIVATION_FACTOR. A no-grad
-# forward's true peak is nearer 30-60x (hidden states, MLP intermediates, the
-# pixel batch); 400 is what makes so400m-patch14-384 at half precision land on
-# DESIGN's seed table (8 GB -> 4-8, 16 GB -> 8-16, 24 GB -> 16-32). We keep that
-# margin on purpose: past ~32 images so400m is compute-bound, so a bigger batch
-# buys little speed while risking an out-of-memory retry.
-ACTIVATION_FACTOR = 400.0
-GPU_TOKENS_PER_BATCH = 49_152  # saturation cap: 64 so400m-384 images (729 tokens each)
+# --- memory model (the parts live in `memory`) -----------------------------------------------
+# Batches fill about 80% of free accelerator memory: the rest covers fragmentation,
+# other tenants and the memory model's own error (benchmarks/gpu_check.py measures it).
+HEADROOM = 0.20
 MAX_BATCH = 1024  # the largest batch_size the settings accept
 SIM_RESERVED_GB = 0.3  # simulated free VRAM = total minus what the driver/desktop holds
 
@@ -158,6 +144,7 @@ class Plan:
     weights_gb: float = 0.0  # estimated weight memory at this dtype / quantization
     per_image_gb: float = 0.0  # estimated working set per image in a batch
     memory_budget_gb: float | None = None  # memory planned for batches (None: not estimated)
+    text_device: str = "cpu"  # where labels missing from the cache are encoded (residency.text_tower_on)
 
     def __post_init__(self) -> None:
         if not isinstance(self.reasons, Reasons):
@@ -169,12 +156,13 @@ class Plan:
         return self.reasons.get(key, "")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (for `plan --format json` and reports)."""
+        """JSON-ready form (for `plan --json` and reports)."""
         return {"device": self.device, "dtype": self.dtype, "attention": self.attention,
                 "batch_size": self.batch_size, "quantization": self.quantization,
                 "reasons": dict(self.reasons), "warnings": list(self.warnings),
                 "weights_gb": round(self.weights_gb, 3), "per_image_gb": round(self.per_image_gb, 4),
-                "memory_budget_gb": None if self.memory_budget_gb is None else round(self.memory_budget_gb, 3)}
+                "memory_budget_gb": None if self.memory_budget_gb is None else round(self.memory_budget_gb, 3),
+                "text_device": self.text_device}
 
 
 # --- detection (the only impure part) --------------------------------------------------------
@@ -372,10 +360,11 @@ def plan(profile: HardwareProfile, settings: Settings, model: ModelInfo) -> Plan
         reasons["dtype"] += f"; with {quant} quantization it is the {role}"
     precision = quant if quant != "none" else dtype
     tokens = vision_tokens(model, settings.max_num_patches)
-    weights = weights_gb(model, precision)
     per_image = per_image_gb(model, tokens, dtype, attention)
     budget: float | None = None
+    text_device = "cpu"
     if device == "cpu":
+        weights = weights_gb(model, precision)  # both towers in RAM
         auto_batch, budget, why = _cpu_batch(profile.cpu, model, tokens, weights, per_image)
         if weights > profile.cpu.available_ram_gb * 0.9:
             warnings.append(f"the weights alone need ~{weights:.1f} GB but only "
@@ -383,10 +372,13 @@ def plan(profile: HardwareProfile, settings: Settings, model: ModelInfo) -> Plan
                             "or an out-of-memory kill (use a smaller model or quantization)")
     else:
         total, free, where = _accelerator_memory(profile, device, gpu)
-        _check_fit(profile, settings, model, device, gpu, precision, dtype, attention, tokens,
-                   total, free, where)
-        budget = _gpu_budget(free, weights)
-        auto_batch, why = _gpu_batch(budget, per_image, tokens, free, weights, precision)
+        usable = free * (1 - HEADROOM)
+        text_device = _choose_text_device(model, dtype, quant, attention, tokens, device, usable)
+        estimate = predict(model, dtype, quant, 0, attention, tokens, text_here=text_device != "cpu")
+        weights = (estimate.vision_weights + estimate.resident_text_weights) / GIB
+        _check_fit(profile, settings, model, device, gpu, precision, attention, total, free, where)
+        budget = usable - (estimate.context + estimate.resident) / GIB
+        auto_batch, why = _gpu_batch(budget, per_image, tokens, free, estimate, precision, text_device)
         if budget < per_image:
             warnings.append(f"memory is tight on {where}: one image needs ~{per_image:.2f} GB beyond the "
                             f"weights and ~{max(budget, 0):.2f} GB is left; batch 1 may still run out of memory")
@@ -402,7 +394,7 @@ def plan(profile: HardwareProfile, settings: Settings, model: ModelInfo) -> Plan
     return Plan(device=device, dtype=dtype, attention=attention, batch_size=batch,
                 quantization=quant, reasons={k: reasons[k] for k in PLAN_KEYS},
                 warnings=tuple(warnings), weights_gb=weights, per_image_gb=per_image,
-                memory_budget_gb=budget)
+                memory_budget_gb=budget, text_device=text_device)
 
 
 def _gpu_label(gpu: CudaDevice) -> str:
@@ -543,8 +535,6 @@ def _choose_quantization(profile: HardwareProfile, setting: str, device: str,
     return setting
 
 
-# MLP width of each size class (vision and text towers); so400m's 4304 is not a multiple of 64.
-_MLP_WIDTH = {"base": 3072, "large": 4096, "so400m": 4304, "giant": 6144}
 BNB_CPU_PACKED = (0, 49)  # bitsandbytes' fused AVX512-BF16 4-bit CPU kernel (PR #1804)
 
 
@@ -557,8 +547,8 @@ def _cpu_4bit_problem(profile: HardwareProfile, model: ModelInfo) -> str | None:
     """
     if "avx512_bf16" not in profile.cpu.features or _version_tuple(profile.bitsandbytes) < BNB_CPU_PACKED:
         return None
-    widths = [model.vision_width] + ([_MLP_WIDTH[model.size]] if model.in_registry and model.size in _MLP_WIDTH
-                                     else [])  # an unregistered model's MLP width is not known here
+    mlp = model.vision_mlp or (VISION_SHAPES[model.size].mlp if model.in_registry else 0)  # 0: not known
+    widths = [model.vision_width] + ([mlp] if mlp else [])
     bad = [d for d in widths if d % 64]
     if not bad:
         return None
@@ -616,18 +606,24 @@ def weights_gb(model: ModelInfo, precision: str) -> float:
 
 
 def per_image_gb(model: ModelInfo, tokens: int, dtype: str, attention: str = "sdpa") -> float:
-    """Planned working set per image in a batch (see ACTIVATION_FACTOR)."""
-    act_bytes = 4 if dtype == "float32" else 2
-    size = tokens * model.vision_width * act_bytes * ACTIVATION_FACTOR
-    if attention == "eager":  # scores, float32 softmax and its cast, one layer at a time
-        heads = max(1, model.vision_width // 64)
-        size += heads * tokens * tokens * (2 * act_bytes + 4)
-    return size / GIB
+    """Working set one more image in a batch adds (`memory.per_image_bytes`)."""
+    return per_image_bytes(model, tokens, dtype, attention) / GIB
 
 
-def min_memory_gb(model: ModelInfo, precision: str) -> float:
-    """DESIGN's minimum accelerator memory for `model` at a dtype or quantization."""
-    return model.min_vram_gb_fp16 * MIN_VRAM_FACTOR[precision]
+def _split(precision: str) -> tuple[str, str]:
+    """(activation dtype, quantization) for a precision; quantized layers compute in half."""
+    return (precision, "none") if precision in ("float32", "float16", "bfloat16") else ("float16", precision)
+
+
+def min_memory_gb(model: ModelInfo, precision: str, attention: str = "sdpa", max_num_patches: int = 256) -> float:
+    """Free accelerator memory `model` needs to tag one image at a time at a dtype or quantization.
+
+    Counts the vision tower only (the text tower can encode labels on the CPU),
+    the CUDA context and the planner's margin; quantized models keep both towers.
+    """
+    dtype, quant = _split(precision)
+    estimate = predict(model, dtype, quant, 1, attention, vision_tokens(model, max_num_patches), text_here=False)
+    return estimate.peak_total / GIB / (1 - HEADROOM)
 
 
 def _accelerator_memory(profile: HardwareProfile, device: str, gpu: CudaDevice | None
@@ -638,43 +634,49 @@ def _accelerator_memory(profile: HardwareProfile, device: str, gpu: CudaDevice |
     return memory, memory, "mps"
 
 
-def _gpu_budget(free_gb: float, weights: float) -> float:
-    return free_gb * (1 - HEADROOM) - CUDA_CONTEXT_GB - weights
+def _choose_text_device(model: ModelInfo, dtype: str, quant: str, attention: str, tokens: int, device: str,
+                        usable_gb: float) -> str:
+    """Where labels missing from the cache are encoded: beside the vision tower when it fits, else the CPU."""
+    if quant != "none":
+        return device  # bitsandbytes placed both towers on the device at load
+    visit = predict(model, dtype, quant, 1, attention, tokens, text_here=True)
+    return device if visit.encoding + visit.context <= usable_gb * GIB else "cpu"
 
 
-def _fits(model: ModelInfo, precision: str, total: float, free: float) -> bool:
-    return total >= min_memory_gb(model, precision) * FIT_TOLERANCE and \
-        _gpu_budget(free, weights_gb(model, precision)) >= 0
+def _fits(model: ModelInfo, precision: str, free: float, max_num_patches: int) -> bool:
+    return min_memory_gb(model, precision, max_num_patches=max_num_patches) <= free
 
 
 def _check_fit(profile: HardwareProfile, settings: Settings, model: ModelInfo, device: str,
-               gpu: CudaDevice | None, precision: str, dtype: str, attention: str, tokens: int,
-               total: float, free: float, where: str) -> None:
+               gpu: CudaDevice | None, precision: str, attention: str, total: float, free: float,
+               where: str) -> None:
     """Raise before loading when the model cannot fit, saying what would."""
-    need = min_memory_gb(model, precision)
-    weights = weights_gb(model, precision)
-    if total < need * FIT_TOLERANCE:
-        problem = (f"model {model.id} needs about {need:.1f} GB of accelerator memory at {precision}, "
-                   f"but {where} has {total:.1f} GB")
-    elif _gpu_budget(free, weights) < 0:
-        problem = (f"model {model.id} needs ~{weights:.1f} GB for its weights at {precision} plus "
-                   f"~{CUDA_CONTEXT_GB:.1f} GB for the runtime (CUDA context, workspaces) and a {HEADROOM:.0%} margin, "
-                   f"but {where} "
-                   f"has only {free:.1f} GB free of {total:.1f} GB (other processes hold the rest)")
-    else:
+    need = min_memory_gb(model, precision, attention, settings.max_num_patches)
+    if need <= free:
         return
+    dtype, quant = _split(precision)
+    parts = predict(model, dtype, quant, 1, attention, vision_tokens(model, settings.max_num_patches),
+                    text_here=False).parts_gb()
+    towers = "both towers" if quant != "none" else "the vision tower"
+    problem = (f"model {model.id} needs ~{need:.1f} GB of free accelerator memory at {precision} "
+               f"(~{parts['vision_weights'] + parts['resident_text_weights']:.2f} GB of weights for {towers}, "
+               f"~{parts['activations']:.2f} GB for one image, ~{parts['context'] + parts['workspace']:.1f} GB "
+               f"for the CUDA context and workspaces, and a {HEADROOM:.0%} margin), but {where} has "
+               f"{free:.1f} GB free of {total:.1f} GB")
     fixes = []
+    patches = settings.max_num_patches
     if precision == "float32":
         half = "bfloat16" if gpu is not None and gpu.capability >= (8, 0) else "float16"
-        if _fits(model, half, total, free):
-            fixes.append(f'dtype = "{half}" (~{min_memory_gb(model, half):.1f} GB)')
+        if _fits(model, half, free, patches):
+            fixes.append(f'dtype = "{half}" (~{min_memory_gb(model, half, max_num_patches=patches):.1f} GB)')
     if device != "mps":
         rank = ("8bit", "4bit")
         for quant in rank[rank.index(precision) + 1 if precision in rank else 0:]:
-            if _fits(model, quant, total, free):
+            if _fits(model, quant, free, patches):
                 extra = "" if _bnb_ok(profile) else ", after installing the `quant` extra"
-                fixes.append(f'quantization = "{quant}" (~{min_memory_gb(model, quant):.1f} GB{extra})')
-    smaller = _smaller_model(model, precision, total, free)
+                fixes.append(f'quantization = "{quant}" '
+                             f'(~{min_memory_gb(model, quant, max_num_patches=patches):.1f} GB{extra})')
+    smaller = _smaller_model(model, precision, free, patches)
     if smaller:
         fixes.append(f'model = "{smaller}"')
     if settings.device == "auto":
@@ -687,7 +689,7 @@ def _check_fit(profile: HardwareProfile, settings: Settings, model: ModelInfo, d
 _SIZE_ORDER = ("base", "large", "so400m", "giant")
 
 
-def _smaller_model(model: ModelInfo, precision: str, total: float, free: float) -> str | None:
+def _smaller_model(model: ModelInfo, precision: str, free: float, max_num_patches: int) -> str | None:
     """The largest registry model of the same kind that would fit, closest in resolution."""
     from .models import REGISTRY
 
@@ -695,7 +697,7 @@ def _smaller_model(model: ModelInfo, precision: str, total: float, free: float) 
     rank = _SIZE_ORDER.index(model.size) if model.size in _SIZE_ORDER else len(_SIZE_ORDER)
     candidates = [m for m in REGISTRY.values()
                   if (m.family == "naflex") == naflex and m.size in _SIZE_ORDER
-                  and _SIZE_ORDER.index(m.size) < rank and _fits(m, precision, total, free)]
+                  and _SIZE_ORDER.index(m.size) < rank and _fits(m, precision, free, max_num_patches)]
     if not candidates:
         return None
     size = model.image_size or 0
@@ -715,16 +717,19 @@ def _round_batch(n: float) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
 
-def _gpu_batch(budget: float, per_image: float, tokens: int, free: float, weights: float,
-               precision: str) -> tuple[int, str]:
-    cap = min(MAX_BATCH, max(1, GPU_TOKENS_PER_BATCH // tokens))
-    fit = budget / per_image if per_image > 0 else cap
-    batch = max(1, min(_round_batch(fit), _round_batch(cap)))
-    why = (f"auto: {free:.1f} GB free, minus a {HEADROOM:.0%} margin, ~{CUDA_CONTEXT_GB:.1f} GB CUDA context "
-           f"and ~{weights:.2f} GB of weights at {precision}, leaves {max(budget, 0):.1f} GB; at "
-           f"~{per_image:.2f} GB per image ({tokens} tokens) that is {fit:.1f} images, rounded to {batch}")
-    if _round_batch(cap) < _round_batch(fit):
-        why += f" (capped at {_round_batch(cap)}: ~{GPU_TOKENS_PER_BATCH} tokens a batch saturate a GPU)"
+def _gpu_batch(budget: float, per_image: float, tokens: int, free: float, estimate: MemoryEstimate,
+               precision: str, text_device: str) -> tuple[int, str]:
+    fit = budget / per_image if per_image > 0 else MAX_BATCH
+    batch = max(1, min(_round_batch(fit), MAX_BATCH))
+    parts = estimate.parts_gb()
+    resident = "vision tower" if not estimate.resident_text_weights else "both towers (quantized, placed at load)"
+    why = (f"auto: {free:.1f} GB free; batches fill {1 - HEADROOM:.0%} of it after ~{parts['context']:.1f} GB "
+           f"CUDA context, ~{parts['workspace']:.2f} GB workspaces and "
+           f"~{parts['vision_weights'] + parts['resident_text_weights']:.2f} GB "
+           f"of {resident} weights at {precision}, leaving {max(budget, 0):.1f} GB; at ~{per_image:.3f} GB "
+           f"per image ({tokens} tokens) that is {fit:.1f} images, rounded to {batch}")
+    if _round_batch(fit) > MAX_BATCH:
+        why += f" (capped at {MAX_BATCH}, the largest batch_size accepted)"
     return batch, why
 
 
@@ -858,6 +863,22 @@ def _sim_cpu(values: dict[str, str]) -> CpuInfo:
 
 # --- report ----------------------------------------------------------------------------------
 
+def _memory_line(plan: Plan, model: ModelInfo) -> str:
+    """How the plan spends memory: which towers stay where, and what is left for batches."""
+    head = (f"weights ~{plan.weights_gb:.2f} GB, ~{plan.per_image_gb:.3f} GB per image planned, "
+            f"{max(plan.memory_budget_gb or 0.0, 0):.1f} GB for batches")
+    if plan.device == "cpu":
+        return head + " (both towers in RAM)"
+    if plan.quantization != "none":
+        return head + f" (both towers stay on {plan.device}: bitsandbytes places quantized weights at load)"
+    text = model.params_m - model.vision_params_m
+    where = (f"visits {plan.device} only to encode labels missing from the label cache, then returns to RAM"
+             if plan.text_device != "cpu" else
+             "encodes labels missing from the label cache on the CPU (it does not fit beside the vision tower)")
+    return (head + f"; only the vision tower stays on {plan.device}: the text tower (~{text}M parameters) "
+            f"{where}, and scores are computed on the CPU")
+
+
 def format_plan(profile: HardwareProfile, plan: Plan, model: ModelInfo) -> str:
     """The profile and every choice with its reason, as `visual-buffet-siglip plan` prints it."""
     cpu = profile.cpu
@@ -886,8 +907,8 @@ def format_plan(profile: HardwareProfile, plan: Plan, model: ModelInfo) -> str:
         lines.append(textwrap.fill(plan.reason(key) or "-", width=110, initial_indent=head,
                                    subsequent_indent=" " * len(head)))
     if plan.memory_budget_gb is not None:
-        lines.append(f"  memory        weights ~{plan.weights_gb:.2f} GB, ~{plan.per_image_gb:.2f} GB per image "
-                     f"planned, {max(plan.memory_budget_gb, 0):.1f} GB for batches")
+        lines.append(textwrap.fill(_memory_line(plan, model), width=110, initial_indent="  memory        ",
+                                   subsequent_indent=" " * 16))
     if plan.warnings:
         lines.append("")
         lines.append("Warnings")

@@ -31,6 +31,7 @@ from . import __version__
 from .config import KEYS, PLUGIN_NAME, ConfigError, Settings, normalize_labels, plugin_block, tomllib
 from .plugin import DESCRIPTION, HARDWARE, RECOMMENDED_THRESHOLD, tagger_for
 from .readahead import ImageReadAhead
+from .vocabulary import TagOptions
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +216,8 @@ class SiglipPlugin(PluginBase):
             candidates, metadata["discovery"] = self._candidates(image_path)
             labels = normalize_labels((*labels, *candidates))
         tagger = tagger_for(settings)
-        record = tagger.record(self._images.embedding(tagger, image_path), labels, tagger.embed_texts(labels),
-                               threshold=settings.confidence_threshold, max_tags=settings.max_tags)
+        record = tagger.record(self._images.embedding(tagger, image_path), tagger.embed_texts(labels),
+                               TagOptions.from_settings(settings), labels)
         if "error" in record:
             log.warning("siglip: %s", record["error"]["message"])
             metadata["error"] = record["error"]

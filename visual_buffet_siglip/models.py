@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .memory import TowerShape, vision_tower_params
+
 if TYPE_CHECKING:
     from .hardware import Plan
 
@@ -49,6 +51,8 @@ class ModelInfo:
     vision_width: int
     vision_layers: int
     in_registry: bool = True
+    vision_mlp: int = 0  # intermediate size; 0: the size class's (memory.VISION_SHAPES)
+    vision_heads: int = 0  # attention heads; 0: the size class's
 
     @property
     def min_vram_gb_fp16(self) -> float:
@@ -59,7 +63,7 @@ class ModelInfo:
 MIN_VRAM_GB_FP16 = {"base": 2.0, "large": 4.0, "so400m": 6.0, "giant": 12.0}
 
 # size -> (vision params M, vision width, vision layers); total params differ by text tower.
-_VISION = {"base": (93, 768, 12), "large": (316, 1024, 24), "so400m": (428, 1152, 27), "giant": (1135, 1536, 40)}
+_VISION = {"base": (93, 768, 12), "large": (316, 1024, 24), "so400m": (428, 1152, 27), "giant": (1164, 1536, 40)}
 
 
 def _entry(model_id: str, family: str, size: str, image_size: int | None, patch: int, params_m: int) -> ModelInfo:
@@ -155,7 +159,10 @@ def info_from_config(name: str, config: dict[str, Any]) -> ModelInfo:
     width = int(vision.get("hidden_size", 768))
     layers = int(vision.get("num_hidden_layers", 12))
     inter = int(vision.get("intermediate_size", 4 * width))
-    vision_params = layers * (4 * width * width + 2 * width * inter) // 1_000_000
+    heads = int(vision.get("num_attention_heads", max(1, width // 64)))
+    patch = int(vision.get("patch_size", 16))
+    positions = int(vision.get("num_patches", 0)) or (int(vision.get("image_size", 224)) // patch) ** 2
+    vision_params = vision_tower_params(TowerShape(width, layers, inter, heads), patch, positions) // 1_000_000
     text = config.get("text_config") or {}
     t_width = int(text.get("hidden_size", width))
     t_params = (int(text.get("num_hidden_layers", layers)) * 12 * t_width * t_width
@@ -165,9 +172,9 @@ def info_from_config(name: str, config: dict[str, Any]) -> ModelInfo:
     return ModelInfo(
         id=name, family="naflex" if naflex else "siglip", size=size,
         image_size=None if naflex else int(vision.get("image_size", 224)),
-        patch_size=int(vision.get("patch_size", 16)),
+        patch_size=patch,
         params_m=max(1, vision_params + t_params), vision_params_m=max(1, vision_params),
-        vision_width=width, vision_layers=layers, in_registry=False)
+        vision_width=width, vision_layers=layers, in_registry=False, vision_mlp=inter, vision_heads=heads)
 
 
 # Bounds far beyond any SigLIP checkpoint (giant: width 1536, 40 layers; Gemma vocabulary 256k),
@@ -321,8 +328,9 @@ def load(name: str, plan: Plan) -> LoadedModel:
             "(processor.save_pretrained(folder)) or download the whole checkpoint again.")
     with _LOAD_LOCK:
         model, processor = _from_pretrained(name, source, config, plan)
-    if plan.quantization == "none":
-        model = model.to(plan.device)
+    from .residency import place
+
+    model = place(model, plan)  # the vision tower on the device; the text tower waits in RAM
     model.eval()
     log.info("loaded %s from %s (%s, %s, %s attention)", name, source, plan.device, plan.dtype, plan.attention)
     return LoadedModel(model, processor, info, source, fingerprint(source), plan)

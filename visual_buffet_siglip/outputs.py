@@ -14,15 +14,18 @@ file and a rename, so a reader sees the old sidecar or the new one, never half.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import stat
+import textwrap
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 from .config import PLUGIN_NAME
-from .fileio import write_atomic
+from .fileio import refuse_special, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -82,27 +85,32 @@ class Sink:
 
 
 class StreamSink(Sink):
-    """Records to a stream: jsonl and table flushed per image, json as one array at the end."""
+    """Records to a stream as they arrive, flushed per image: jsonl lines, table blocks, or a json array.
 
-    def __init__(self, stream: IO[str], fmt: str):
+    Nothing is written before the first record, so a run that fails before it
+    prints nothing (not an empty `[]`) and replaces no file.
+    """
+
+    def __init__(self, stream: IO[str] | Any, fmt: str):
         self.stream, self.fmt = stream, fmt
-        self.records: list[dict[str, Any]] = []
+        self.count = 0
 
     def write(self, path: str, item: Any, record: dict[str, Any]) -> None:
         record = path_record(path, record)
         if self.fmt == "jsonl":
-            self.stream.write(json_text(record) + "\n")
-            self.stream.flush()
+            text = json_text(record) + "\n"
         elif self.fmt == "table":  # a name that is not valid UTF-8 shows as \xNN rather than crashing
-            self.stream.write(format_table(record).encode("utf-8", "surrogateescape")
-                              .decode("utf-8", "backslashreplace") + "\n")
-            self.stream.flush()
-        else:
-            self.records.append(record)
+            text = (format_table(record).encode("utf-8", "surrogateescape")
+                    .decode("utf-8", "backslashreplace") + "\n")
+        else:  # the lines json.dumps(records, indent=2) would give, one record at a time
+            text = ("[\n" if self.count == 0 else ",\n") + textwrap.indent(json_text(record, indent=2), "  ")
+        self.stream.write(text)
+        self.stream.flush()
+        self.count += 1
 
     def close(self) -> None:
-        if self.fmt == "json":
-            self.stream.write(json_text(self.records, indent=2) + "\n")
+        if self.fmt == "json" and self.count:
+            self.stream.write("\n]\n")
         self.stream.flush()
 
 
@@ -125,25 +133,30 @@ def read_done(output: Path) -> set[str]:
     except FileNotFoundError:
         return set()
     end = data.rfind(b"\n") + 1
-    if data[end:].strip():
-        if _record_path(data[end:]) is not None:
-            with open(output, "ab") as handle:
-                handle.write(b"\n")
-            end = len(data)
-        else:
-            log.warning("%s: dropped its incomplete last line (left by an interrupted run); "
-                        "that image is tagged again", output)
-            os.truncate(output, end)
     done = set()
     for number, line in enumerate(data[:end].splitlines(), 1):
         if not line.strip():
             continue
         path = _record_path(line)
-        if path is None:
+        if path is None:  # checked before the repair below: a file that is not ours is never changed
             raise UsageError(f"{output}: line {number} is not a record written by `visual-buffet-siglip tag "
                              "--format jsonl`, so this run cannot resume from it; give another --output "
                              "file or remove that line")
         done.add(path_key(path))
+    if data[end:].strip():
+        last = _record_path(data[end:])
+        if last is not None:
+            with open(output, "ab") as handle:
+                handle.write(b"\n")
+            done.add(path_key(last))
+        elif not done:  # nothing of ours before it: not a torn record but someone else's file
+            raise UsageError(f"{output}: it is not a results file written by `visual-buffet-siglip tag "
+                             "--format jsonl` (its only line is not a record), so this run cannot resume "
+                             "from it; give another --output file")
+        else:
+            log.warning("%s: dropped its incomplete last line (left by an interrupted run); "
+                        "that image is tagged again", output)
+            os.truncate(output, end)
     return done
 
 
@@ -189,12 +202,18 @@ class SidecarSink(Sink):
 
     def __init__(self, overwrite: bool = False):
         self.overwrite = overwrite
-        self.written = self.kept = self.failed = 0
+        self.written = self.kept = self.failed = self.clashes = 0
+        self._stems: dict[Path, dict[str, list[str]]] = {}  # folder -> stem -> image names
 
     def write(self, path: str, item: Any, record: dict[str, Any]) -> None:
         if "error" in record:
             return
         target = sidecar_path(path)
+        clash = self._clash(Path(path), target)
+        if clash:
+            self.clashes += 1
+            log.error("%s: no sidecar written: %s; its tags are only in the main output", path, clash)
+            return
         try:
             if not self.overwrite and _newer(target, Path(path)):
                 self.kept += 1
@@ -205,14 +224,42 @@ class SidecarSink(Sink):
                         "results": {**_other_results(target), PLUGIN_NAME: path_record(path, record)}}
             write_atomic(target, json_text(document, indent=2) + "\n")
             self.written += 1
-        except OSError as exc:
+        except (OSError, RecursionError) as exc:
             self.failed += 1
+            reason = ("it holds JSON nested too deeply to be a sidecar; left alone" if isinstance(exc, RecursionError)
+                      else exc.strerror or exc)
             log.error("%s: cannot write its sidecar %s (%s); its tags are only in the main output",
-                      path, target, exc.strerror or exc)
+                      path, target, reason)
+
+    def _clash(self, image: Path, target: Path) -> str | None:
+        """Why `target` is not this image's alone (another image shares its stem, or it names another file)."""
+        folder = image.parent
+        if folder not in self._stems:
+            from .images import IMAGE_SUFFIXES
+
+            stems: dict[str, list[str]] = {}
+            try:
+                for entry in os.scandir(folder):
+                    if Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                        stems.setdefault(Path(entry.name).stem, []).append(entry.name)
+            except OSError:
+                pass  # an unlistable folder: the document check below still guards the sidecar
+            self._stems[folder] = stems
+        others = sorted(name for name in self._stems[folder].get(image.stem, ()) if name != image.name)
+        if others:
+            return (f"{', '.join(others)} in the same folder would share {target.name}, so the host could not "
+                    "tell their tags apart; rename one of them")
+        owner = _sidecar_owner(target)
+        if owner is not None and owner != image.name:
+            return f"{target.name} holds the tags of {owner!r}, another image; move or remove it to tag this one"
+        return None
 
     def close(self) -> None:
         log.info("sidecars: %d written, %d kept because they are newer than their image%s", self.written,
                  self.kept, " (--overwrite replaces them)" if self.kept else "")
+        if self.clashes:
+            log.error("%d images got no sidecar because their name clashes with another image's; see above",
+                      self.clashes)
         if self.failed:
             log.error("%d sidecars could not be written; see the errors above", self.failed)
 
@@ -224,11 +271,34 @@ def _newer(sidecar: Path, image: Path) -> bool:
         return False
 
 
+def _sidecar_owner(sidecar: Path) -> str | None:
+    """The image file name an existing host-layout sidecar is about (None when missing or unknown)."""
+    try:
+        if not sidecar.is_file() or sidecar.stat().st_size > 64 * 1024 * 1024:  # a FIFO would block the read
+            return None
+        document = json.loads(sidecar.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    name = document.get("filename") or document.get("file")
+    return os.path.basename(name) if isinstance(name, str) and name else None
+
+
 def _other_results(sidecar: Path) -> dict[str, Any]:
     """Other plugins' results in an existing sidecar (none when it is missing or not the host's layout)."""
+    try:  # non-blocking and checked once open: a FIFO named like a sidecar must not hang the run
+        fd = os.open(sidecar, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        return {}
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            refuse_special(sidecar)
+            raise OSError(errno.EEXIST, "not a regular file: not replaced", str(sidecar))
+        data = handle.read()
     try:
-        document = json.loads(sidecar.read_bytes())
-    except (FileNotFoundError, ValueError):
+        document = json.loads(data)  # RecursionError for absurd nesting: the caller reports it
+    except ValueError:
         return {}
     results = document.get("results") if isinstance(document, dict) else None
     return {k: v for k, v in results.items() if k != PLUGIN_NAME} if isinstance(results, dict) else {}

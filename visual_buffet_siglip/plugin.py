@@ -78,8 +78,9 @@ def visual_buffet_tag(images: Sequence[str], config: Mapping[str, Any]) -> dict[
     settings = settings_from_host_config(config)
     if not settings.enabled:
         return None
-    results = tagger_for(settings).tag(list(images), labels=settings.label_set,
-                                       threshold=settings.confidence_threshold, max_tags=settings.max_tags)
+    from .vocabulary import TagOptions
+
+    results = tagger_for(settings).tag(list(images), options=TagOptions.from_settings(settings))
     return {"plugin": PLUGIN_NAME, "results": results}
 
 

@@ -3,8 +3,11 @@
 ``build_report`` turns result records (as the CLI writes them to jsonl, one
 dict per image) into one HTML document that needs nothing else: CSS and JS are
 inline, thumbnails are small JPEG data URIs, and a Content-Security-Policy
-forbids the page from loading anything at all. The data is embedded once as
-JSON and rendered by the page's script:
+forbids the page from loading anything at all and allows only its own script
+and style, by their SHA-256 hashes, so an injected ``<script>`` would not run
+even if the escaping failed. The page's HTML, CSS and JS are package data
+under ``report_assets/``, edited and linted as what they are. The data is
+embedded once as JSON and rendered by the page's script:
 
 * a card per image: thumbnail, file name, tags as bars (log scale) with values,
   or the error type and message for images that failed;
@@ -12,12 +15,20 @@ JSON and rendered by the page's script:
   shows per card how many tags it keeps;
 * a histogram of all tag confidences of the run on a log axis, with the
   threshold marked;
-* a per-label table: how many images each label fires on at the current
-  threshold, most frequent first, to spot labels that fire everywhere.
+* a per-label table: how many images each label fires on, most frequent
+  first, to spot labels that fire everywhere; each label has its own
+  threshold (log-scale slider and number box) and an ``off`` switch, starting
+  from the vocabulary the run used, and every card and count follows live;
+* "Download vocabulary": the labels with what was set on the page, in the
+  vocabulary file format (``vocabulary.py``) that ``retag --labels-file`` reads.
+
+Kept tags follow the same rule as tagging (``vocabulary.select``): per-label
+thresholds, ``off``, the global threshold and ``max_tags``.
 
 The explorer is only useful when the records keep tags down to a low floor:
-the CLI run that makes a report tags with threshold 0.001 and passes the
-configured threshold here, where the slider starts.
+``ReportSink`` (``tag --report``) keeps every label down to 0.001 (or the
+lowest threshold in play), off ones included and uncapped, and passes the
+run's vocabulary, threshold and ``max_tags`` here, where the page starts.
 
 Cards are built lazily while scrolling and slider updates are coalesced to one
 per animation frame, touching only rendered cards, so runs of 10,000 images
@@ -27,9 +38,10 @@ Hooks for tests and tooling: each rendered tag element has class ``tag``;
 tags under the threshold keep their element but carry the ``hidden``
 attribute; the slider is ``<input type="range" id="threshold">``;
 ``window.reportState`` exposes ``threshold``, ``setThreshold(t)``,
-``renderAll()``, ``renderedCount()``, ``visibleTagCount()`` and
-``labelCounts()``; uncaught page errors are collected in
-``window.__reportErrors``.
+``setLabelThreshold(label, t or null)``, ``setLabelOff(label, bool)``,
+``labelSettings(label)``, ``vocabularyText()``, ``renderAll()``,
+``renderedCount()``, ``visibleTagCount()`` and ``labelCounts()``; uncaught
+page errors and CSP violations are collected in ``window.__reportErrors``.
 
 Only the standard library and Pillow are used here.
 """
@@ -37,6 +49,7 @@ Only the standard library and Pillow are used here.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import math
@@ -44,11 +57,16 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .fileio import write_atomic
-from .outputs import Sink
+from .outputs import Sink, json_text
+
+if TYPE_CHECKING:
+    from .vocabulary import Vocabulary
 
 __all__ = ["DEFAULT_TITLE", "SLIDER_MAX", "SLIDER_MIN", "build_report", "read_records", "write_report"]
 
@@ -161,7 +179,7 @@ def _embed_json(obj: Any) -> str:
     """JSON safe to place inside <script type="application/json">: no '<' (so
     no '</script' or '<!--'), no '>' or '&', and every '/' escaped, which also
     means no 'http://' or '//' can appear in the file, whatever the data."""
-    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    text = json_text(obj, allow_nan=False, separators=(",", ":"))  # file names that are not UTF-8: escaped
     return (
         text.replace("<", "\\u003c")
         .replace(">", "\\u003e")
@@ -179,6 +197,35 @@ def _html_text(s: str) -> str:
     )
 
 
+@cache
+def _asset(name: str) -> str:
+    """One file of the page (report_assets/), as shipped in the package."""
+    return resources.files("visual_buffet_siglip").joinpath("report_assets").joinpath(name).read_text("utf-8")
+
+
+def _csp_hash(text: str) -> str:
+    """A CSP source expression allowing exactly this inline script or style."""
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+def _content_security_policy() -> str:
+    """The page's policy: nothing loaded from anywhere, only its own inline script and style run."""
+    scripts = " ".join(_csp_hash(_asset(name)) for name in ("errors.js", "report.js"))
+    return (f"default-src 'none'; img-src data:; style-src {_csp_hash(_asset('report.css'))}; "
+            f"script-src {scripts}; base-uri 'none'; form-action 'none'")
+
+
+def _vocabulary_columns(labels: list[str], vocabulary: Vocabulary | None) -> dict[str, list[Any]]:
+    """Per-label own threshold (None: the global one), off and keyword path, aligned with ``labels``."""
+    entries = [vocabulary.get(label) if vocabulary is not None else None for label in labels]
+    return {
+        "thresholds": [None if entry is None or entry.off else entry.threshold for entry in entries],
+        "off": [bool(entry is not None and entry.off) for entry in entries],
+        "paths": ["|".join(entry.keyword_path) if entry is not None and entry.keyword_path else None
+                  for entry in entries],
+    }
+
+
 def build_report(
     records: Iterable[Mapping],
     *,
@@ -187,11 +234,16 @@ def build_report(
     title: str = DEFAULT_TITLE,
     thumb_px: int = 160,
     workers: int | None = None,
+    vocabulary: Vocabulary | None = None,
+    max_tags: int | None = None,
 ) -> str:
     """Return one self-contained HTML document for ``records``.
 
-    ``threshold`` is where the slider starts (0..1). Relative record paths are
-    resolved against ``images_root`` (default: the current directory).
+    ``threshold`` is where the slider starts (0..1). ``vocabulary`` (the one
+    the run used) gives each label its starting own threshold, ``off`` switch
+    and keyword path, and its labels all go into the page's download, fired or
+    not; ``max_tags`` caps the tags kept per image, as tagging does (None: no
+    cap). Relative record paths are resolved against ``images_root`` (default: the current directory).
     Thumbnails are JPEG data URIs with max side ``thumb_px``; an image that is
     missing or cannot be decoded gets a placeholder. ``workers`` threads make
     the thumbnails (default: up to 8).
@@ -202,11 +254,13 @@ def build_report(
         raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
     if not isinstance(thumb_px, int) or isinstance(thumb_px, bool) or not 16 <= thumb_px <= 1024:
         raise ValueError(f"thumb_px must be an int in 16..1024, got {thumb_px!r}")
+    if max_tags is not None and (isinstance(max_tags, bool) or not isinstance(max_tags, int) or max_tags < 1):
+        raise ValueError(f"max_tags must be an int >= 1 or None, got {max_tags!r}")
     root = Path.cwd() if images_root is None else Path(images_root)
     title = DEFAULT_TITLE if title is None else str(title)
 
-    label_index: dict[str, int] = {}
-    labels: list[str] = []
+    labels: list[str] = list(vocabulary.labels) if vocabulary is not None else []
+    label_index: dict[str, int] = {label: i for i, label in enumerate(labels)}
     images: list[dict[str, Any]] = []
     models: dict[str, None] = {}
     versions: dict[str, None] = {}
@@ -259,12 +313,15 @@ def build_report(
         "thumbPx": thumb_px,
         "models": list(models),
         "versions": list(versions),
+        "maxTags": max_tags,
         "labels": labels,
+        "vocab": _vocabulary_columns(labels, vocabulary),
         "images": images,
     }
-    fields = {"TITLE": _html_text(title), "THUMB_PX": str(thumb_px), "DATA": _embed_json(data)}
+    fields = {"CSP": _content_security_policy(), "TITLE": _html_text(title), "DATA": _embed_json(data),
+              "ERRORS_JS": _asset("errors.js"), "CSS": _asset("report.css"), "REPORT_JS": _asset("report.js")}
     # One pass, so text substituted for one field is never scanned for another.
-    return re.sub(r"@@([A-Z_]+)@@", lambda m: fields[m.group(1)], _TEMPLATE)
+    return re.sub(r"@@([A-Z_]+)@@", lambda m: fields[m.group(1)], _asset("report.html"))
 
 
 def write_report(
@@ -274,490 +331,19 @@ def write_report(
     threshold: float,
     images_root: Path | None = None,
     title: str | None = None,
+    vocabulary: Vocabulary | None = None,
+    max_tags: int | None = None,
 ) -> Path:
     """Build the report and write it to ``output`` atomically (a temporary
     file in the same directory, then ``os.replace``). Returns ``output``."""
     output = Path(output)
     html = build_report(
-        records, threshold=threshold, images_root=images_root, title=DEFAULT_TITLE if title is None else title
+        records, threshold=threshold, images_root=images_root, title=DEFAULT_TITLE if title is None else title,
+        vocabulary=vocabulary, max_tags=max_tags,
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, html)
     return output
-
-
-# --------------------------------------------------------------------------
-# the page. No URL of any scheme but data: may appear here (tests check).
-
-_TEMPLATE = r"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<script>
-window.__reportErrors = [];
-window.addEventListener("error", function (e) {
-  window.__reportErrors.push(String(e.message || e.type) + (e.filename ? " @" + e.lineno + ":" + e.colno : ""));
-});
-window.addEventListener("unhandledrejection", function (e) {
-  window.__reportErrors.push("unhandled rejection: " + String(e.reason));
-});
-</script>
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>@@TITLE@@</title>
-<style>
-:root {
-  --bg: #f5f6f8; --panel: #ffffff; --ink: #1d2330; --muted: #687083; --line: #dfe3ea;
-  --accent: #2f6fdb; --accent-soft: #dbe6fa; --dim: #b9c0cc; --err: #b42318; --err-bg: #fdecea;
-  --thumb: @@THUMB_PX@@px;
-}
-* { box-sizing: border-box; }
-html, body { margin: 0; }
-body { background: var(--bg); color: var(--ink); font: 14px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-[hidden] { display: none !important; }
-header.top { padding: 18px 24px 8px; }
-header.top h1 { margin: 0 0 4px; font-size: 20px; font-weight: 650; }
-.meta { color: var(--muted); font-size: 13px; }
-.meta b { color: var(--ink); font-weight: 600; }
-.controls { position: sticky; top: 0; z-index: 10; display: flex; flex-wrap: wrap; align-items: center; gap: 10px 18px;
-  padding: 10px 24px; background: rgba(255,255,255,0.96); border-bottom: 1px solid var(--line); box-shadow: 0 1px 3px rgba(20,30,50,0.06); }
-.controls label { font-weight: 600; }
-.range { display: inline-flex; flex-direction: column; width: min(420px, 60vw); }
-#threshold { width: 100%; margin: 0; accent-color: var(--accent); }
-.range .ends { position: relative; height: 13px; font-size: 10.5px; color: var(--muted); }
-.range .ends span { position: absolute; transform: translateX(-50%); }
-#threshold-value { width: 88px; font: inherit; padding: 3px 6px; border: 1px solid var(--line); border-radius: 6px; }
-.controls .stats { color: var(--muted); }
-.controls .stats b { color: var(--ink); }
-.overview { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 16px; padding: 16px 24px 4px; }
-@media (max-width: 900px) { .overview { grid-template-columns: 1fr; } }
-.panel { background: var(--panel); border: 1px solid var(--line); border-radius: 10px; padding: 12px 14px; }
-.panel h2 { margin: 0 0 8px; font-size: 14px; font-weight: 650; }
-.panel h2 small { color: var(--muted); font-weight: 400; }
-#hist { display: block; width: 100%; height: 230px; }
-.labels-wrap { height: 230px; overflow-y: auto; }
-.lrow { display: grid; grid-template-columns: minmax(0, 1fr) 110px 64px; align-items: center; gap: 8px; padding: 1px 0; font-size: 13px; }
-.lrow .lname { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-.lrow .lbar { height: 8px; background: var(--accent-soft); border-radius: 4px; overflow: hidden; }
-.lrow .lbar span { display: block; height: 100%; background: var(--accent); }
-.lrow .lnum { text-align: right; font-variant-numeric: tabular-nums; color: var(--muted); }
-.lrow.everywhere .lname { color: var(--err); font-weight: 600; }
-.lrow.everywhere .lbar span { background: var(--err); }
-.panel-head { display: flex; align-items: baseline; justify-content: space-between; gap: 8px; }
-.lmore { flex: none; font: inherit; font-size: 12px; border: 1px solid var(--line); background: var(--panel); border-radius: 6px; padding: 2px 8px; cursor: pointer; }
-.empty-note { color: var(--muted); font-size: 13px; }
-#cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(232px, 1fr)); gap: 14px; padding: 16px 24px 24px; align-items: start; }
-.card { background: var(--panel); border: 1px solid var(--line); border-radius: 10px; overflow: hidden; }
-.card .thumb { height: calc(var(--thumb) + 12px); display: flex; align-items: center; justify-content: center; background: #eceff3; }
-.card .thumb img { max-width: 100%; max-height: var(--thumb); display: block; }
-.card .placeholder { width: calc(var(--thumb) * 0.8); height: calc(var(--thumb) * 0.6); display: flex; align-items: center; justify-content: center;
-  text-align: center; padding: 6px; border: 2px dashed var(--dim); border-radius: 8px; color: var(--muted); font-size: 12px; }
-.card .body { padding: 8px 10px 10px; }
-.card .name { font-weight: 600; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-.card .kept { color: var(--muted); font-size: 12px; margin-bottom: 4px; }
-.card .tags { max-height: 236px; overflow-y: auto; }
-.tag { display: grid; grid-template-columns: minmax(0, 1fr) 64px 44px; align-items: center; gap: 6px; font-size: 12.5px; padding: 1px 0; }
-.tag .tl { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-.tag .tb { height: 7px; background: var(--accent-soft); border-radius: 4px; overflow: hidden; }
-.tag .tb span { display: block; height: 100%; background: var(--accent); border-radius: 4px; }
-.tag .tv { text-align: right; font-variant-numeric: tabular-nums; color: var(--muted); }
-.card.error { border-color: #f1b8b2; }
-.card .err { background: var(--err-bg); color: var(--err); border-radius: 6px; padding: 6px 8px; font-size: 12.5px; overflow-wrap: anywhere; }
-.card .err b { display: block; }
-.card .none { color: var(--muted); font-size: 12.5px; font-style: italic; }
-#sentinel { height: 1px; }
-footer { color: var(--muted); font-size: 12px; padding: 0 24px 24px; }
-</style>
-</head>
-<body>
-<header class="top">
-  <h1 id="title"></h1>
-  <div class="meta" id="meta"></div>
-</header>
-<div class="controls">
-  <label for="threshold">Threshold</label>
-  <span class="range">
-    <input type="range" id="threshold" min="0" max="1000" step="1" value="0" aria-describedby="threshold-value">
-    <span class="ends"><span>0.001</span><span>0.01</span><span>0.1</span><span>0.5</span></span>
-  </span>
-  <input type="number" id="threshold-value" min="0" max="1" step="any" aria-label="threshold value">
-  <span class="stats" id="stats"></span>
-</div>
-<section class="overview">
-  <div class="panel">
-    <h2>Tag confidences <small id="hist-note"></small></h2>
-    <canvas id="hist" role="img" aria-label="histogram of tag confidences, log scale"></canvas>
-  </div>
-  <div class="panel">
-    <div class="panel-head">
-      <h2>Labels at this threshold <small id="labels-note"></small></h2>
-      <button type="button" class="lmore" id="labels-more" hidden></button>
-    </div>
-    <div class="labels-wrap"><div id="labels"></div></div>
-  </div>
-</section>
-<main id="cards"></main>
-<div id="sentinel"></div>
-<footer id="footer"></footer>
-<script type="application/json" id="data">@@DATA@@</script>
-<script>
-(function () {
-  "use strict";
-  var D = JSON.parse(document.getElementById("data").textContent);
-  var images = D.images, labels = D.labels, N = images.length;
-  var LMIN = Math.log10(D.slider.min), LMAX = Math.log10(D.slider.max);
-  var SLIDER_STEPS = 1000, CHUNK = 48, MARGIN = 1500, LABEL_ROWS = 40;
-  var HIST_LO = -3, HIST_HI = 0, HIST_BINS = 60;
-
-  // Flat arrays of every tag of the run, for counting without touching the DOM.
-  var total = 0, i, j;
-  for (i = 0; i < N; i++) total += images[i].tags.length;
-  var allConf = new Float64Array(total), allLab = new Int32Array(total), allImg = new Int32Array(total);
-  var k = 0, nErrors = 0;
-  for (i = 0; i < N; i++) {
-    var tg = images[i].tags;
-    if (images[i].error) nErrors++;
-    for (j = 0; j < tg.length; j++) { allConf[k] = tg[j][1]; allLab[k] = tg[j][0]; allImg[k] = i; k++; }
-  }
-  var bins = new Float64Array(HIST_BINS), below = 0;
-  for (k = 0; k < total; k++) {
-    var c = allConf[k];
-    if (!(c > 0)) { below++; continue; }
-    var b = Math.floor((Math.log10(c) - HIST_LO) / (HIST_HI - HIST_LO) * HIST_BINS);
-    if (b < 0) { below++; continue; }
-    bins[Math.min(HIST_BINS - 1, b)]++;
-  }
-
-  var state = { threshold: D.threshold, labelRows: LABEL_ROWS };
-  var cards = [];          // rendered cards, in order: {i, kept, tagEls, keptEl}
-  var nextIndex = 0;       // first image without a card yet
-
-  function el(tag, cls, text) {
-    var e = document.createElement(tag);
-    if (cls) e.className = cls;
-    if (text !== undefined) e.textContent = text;
-    return e;
-  }
-  function fmt(c) {
-    if (c >= 0.1) return c.toFixed(2);
-    if (c >= 0.01) return c.toFixed(3);
-    return c.toFixed(4);
-  }
-  function barPct(c) {  // log scale 0.001 .. 1 -> 0 .. 100
-    if (!(c > 0)) return 0;
-    return Math.max(2, Math.min(100, (Math.log10(c) - HIST_LO) / (HIST_HI - HIST_LO) * 100));
-  }
-  function keptCount(tags, t) {  // tags are sorted by confidence, descending
-    var lo = 0, hi = tags.length;
-    while (lo < hi) { var mid = (lo + hi) >> 1; if (tags[mid][1] >= t) lo = mid + 1; else hi = mid; }
-    return lo;
-  }
-  function sliderToT(v) { return Math.pow(10, LMIN + (LMAX - LMIN) * (v / SLIDER_STEPS)); }
-  function tToSlider(t) {
-    if (!(t > 0)) return 0;
-    var v = Math.round((Math.log10(t) - LMIN) / (LMAX - LMIN) * SLIDER_STEPS);
-    return Math.max(0, Math.min(SLIDER_STEPS, v));
-  }
-
-  // ---- header
-  document.getElementById("title").textContent = D.title;
-  document.title = D.title;
-  var meta = document.getElementById("meta");
-  function metaItem(label, value) {
-    if (meta.childNodes.length) meta.appendChild(document.createTextNode(" \u00b7 "));
-    meta.appendChild(document.createTextNode(label));
-    meta.appendChild(el("b", null, value));
-  }
-  metaItem("", N + (N === 1 ? " image" : " images"));
-  if (nErrors) metaItem("", nErrors + (nErrors === 1 ? " error" : " errors"));
-  metaItem("", total + " tags recorded");
-  if (D.models.length) metaItem("model ", D.models.join(", "));
-  if (D.versions.length) metaItem("version ", D.versions.join(", "));
-  document.getElementById("footer").textContent =
-    "Tags are kept when confidence \u2265 threshold. Bars use a log scale from 0.001 to 1. " +
-    "Labels shown in red fire on at least half of the images.";
-
-  // ---- cards
-  var container = document.getElementById("cards");
-  function setKept(card, n) {
-    var tags = images[card.i].tags, a, lo = Math.min(card.kept, n), hi = Math.max(card.kept, n);
-    for (a = lo; a < hi; a++) card.tagEls[a].hidden = a >= n;
-    card.kept = n;
-    if (card.keptEl) card.keptEl.textContent = "keeps " + n + " of " + tags.length + " tags";
-    if (card.noneEl) card.noneEl.hidden = n > 0;
-  }
-  function buildCard(i) {
-    var im = images[i];
-    var root = el("article", im.error ? "card error" : "card");
-    root.setAttribute("data-index", String(i));
-    var th = el("div", "thumb");
-    if (typeof im.thumb === "string" && im.thumb.indexOf("data:image/") === 0) {
-      var img = el("img");
-      img.alt = im.name;
-      img.decoding = "async";
-      img.src = im.thumb;
-      th.appendChild(img);
-    } else {
-      th.appendChild(el("div", "placeholder", im.note || "no preview"));
-    }
-    root.appendChild(th);
-    var body = el("div", "body");
-    var name = el("div", "name", im.name || "(no path)");
-    name.title = im.path;
-    body.appendChild(name);
-    var card = { i: i, kept: im.tags.length, tagEls: [], keptEl: null, noneEl: null };
-    if (im.error) {
-      var err = el("div", "err");
-      err.appendChild(el("b", null, im.error.type));
-      err.appendChild(document.createTextNode(im.error.message));
-      body.appendChild(err);
-    } else {
-      card.keptEl = el("div", "kept");
-      body.appendChild(card.keptEl);
-      var list = el("div", "tags");
-      for (var j = 0; j < im.tags.length; j++) {
-        var c = im.tags[j][1], row = el("div", "tag");
-        var lname = labels[im.tags[j][0]];
-        row.appendChild(el("span", "tl", lname));
-        var bar = el("span", "tb"), fill = el("span");
-        fill.style.width = barPct(c).toFixed(1) + "%";
-        bar.appendChild(fill);
-        row.appendChild(bar);
-        row.appendChild(el("span", "tv", fmt(c)));
-        row.title = lname + ": " + c;
-        list.appendChild(row);
-        card.tagEls.push(row);
-      }
-      card.noneEl = el("div", "none", im.tags.length ? "no tags at this threshold" : "no tags recorded");
-      list.appendChild(card.noneEl);
-      body.appendChild(list);
-    }
-    root.appendChild(body);
-    setKept(card, keptCount(im.tags, state.threshold));
-    return { card: card, root: root };
-  }
-  function renderUpTo(end) {
-    end = Math.min(N, end);
-    if (nextIndex >= end) return;
-    var frag = document.createDocumentFragment();
-    for (; nextIndex < end; nextIndex++) {
-      var b = buildCard(nextIndex);
-      cards.push(b.card);
-      frag.appendChild(b.root);
-    }
-    container.appendChild(frag);
-  }
-  var sentinel = document.getElementById("sentinel");
-  var fillScheduled = false;
-  function fill() {
-    fillScheduled = false;
-    if (nextIndex >= N) return;
-    if (sentinel.getBoundingClientRect().top < window.innerHeight + MARGIN) {
-      renderUpTo(nextIndex + CHUNK);
-      scheduleFill();
-    }
-  }
-  function scheduleFill() {
-    if (fillScheduled || nextIndex >= N) return;
-    fillScheduled = true;
-    requestAnimationFrame(fill);
-  }
-  if ("IntersectionObserver" in window) {
-    new IntersectionObserver(function (entries) {
-      for (var e = 0; e < entries.length; e++) if (entries[e].isIntersecting) scheduleFill();
-    }, { rootMargin: MARGIN + "px 0px" }).observe(sentinel);
-  }
-  window.addEventListener("scroll", scheduleFill, { passive: true });
-  window.addEventListener("resize", scheduleFill);
-
-  // ---- histogram
-  var canvas = document.getElementById("hist");
-  function drawHist() {
-    var dpr = window.devicePixelRatio || 1, w = canvas.clientWidth || 600, h = canvas.clientHeight || 230;
-    if (canvas.width !== Math.round(w * dpr) || canvas.height !== Math.round(h * dpr)) {
-      canvas.width = Math.round(w * dpr); canvas.height = Math.round(h * dpr);
-    }
-    var g = canvas.getContext("2d");
-    g.setTransform(dpr, 0, 0, dpr, 0, 0);
-    g.clearRect(0, 0, w, h);
-    var padL = 44, padR = 10, padT = 10, padB = 26, pw = w - padL - padR, ph = h - padT - padB;
-    var maxBin = 0, b;
-    for (b = 0; b < HIST_BINS; b++) maxBin = Math.max(maxBin, bins[b]);
-    var css = getComputedStyle(document.documentElement);
-    var accent = css.getPropertyValue("--accent").trim() || "#2f6fdb";
-    var dim = css.getPropertyValue("--dim").trim() || "#b9c0cc";
-    var ink = css.getPropertyValue("--ink").trim() || "#1d2330";
-    var muted = css.getPropertyValue("--muted").trim() || "#687083";
-    var line = css.getPropertyValue("--line").trim() || "#dfe3ea";
-    function xOf(logc) { return padL + (logc - HIST_LO) / (HIST_HI - HIST_LO) * pw; }
-    g.font = "11px system-ui, sans-serif";
-    g.textBaseline = "middle";
-    // y grid
-    g.strokeStyle = line; g.fillStyle = muted; g.lineWidth = 1; g.textAlign = "right";
-    // y axis: a "nice" integer step (1, 2, 5 x 10^k), top rounded up to it
-    var step = 1;
-    if (maxBin > 4) {
-      var raw = maxBin / 4, mag = Math.pow(10, Math.floor(Math.log10(raw))), f = raw / mag;
-      step = (f <= 1 ? 1 : f <= 2 ? 2 : f <= 5 ? 5 : 10) * mag;
-    }
-    var yTop = Math.max(step, Math.ceil(maxBin / step) * step);
-    for (var yv = 0; yv <= yTop + 1e-9; yv += step) {
-      var yy = padT + ph - ph * yv / yTop;
-      g.beginPath(); g.moveTo(padL, Math.round(yy) + 0.5); g.lineTo(padL + pw, Math.round(yy) + 0.5); g.stroke();
-      g.fillText(String(yv), padL - 6, yy);
-    }
-    maxBin = yTop;
-    // bars
-    var lt = state.threshold > 0 ? Math.log10(state.threshold) : -Infinity;
-    var bw = pw / HIST_BINS;
-    for (b = 0; b < HIST_BINS; b++) {
-      if (!bins[b]) continue;
-      var bh = maxBin ? bins[b] / maxBin * ph : 0;
-      var left = HIST_LO + (HIST_HI - HIST_LO) * b / HIST_BINS;
-      g.fillStyle = left + (HIST_HI - HIST_LO) / HIST_BINS / 2 >= lt ? accent : dim;
-      g.fillRect(padL + b * bw + 0.5, padT + ph - bh, Math.max(1, bw - 1), bh);
-    }
-    // x axis
-    g.strokeStyle = ink; g.beginPath(); g.moveTo(padL, padT + ph + 0.5); g.lineTo(padL + pw, padT + ph + 0.5); g.stroke();
-    g.fillStyle = muted; g.textAlign = "center"; g.textBaseline = "top";
-    var xt = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1];
-    for (var q = 0; q < xt.length; q++) {
-      var x = xOf(Math.log10(xt[q]));
-      g.beginPath(); g.moveTo(x + 0.5, padT + ph); g.lineTo(x + 0.5, padT + ph + 4); g.stroke();
-      g.fillText(String(xt[q]), x, padT + ph + 6);
-    }
-    // threshold marker
-    if (lt >= HIST_LO && lt <= HIST_HI) {
-      var tx = Math.round(xOf(lt)) + 0.5;
-      g.strokeStyle = "#d9480f"; g.lineWidth = 2;
-      g.beginPath(); g.moveTo(tx, padT - 4); g.lineTo(tx, padT + ph); g.stroke();
-      g.fillStyle = "#d9480f"; g.textBaseline = "top";
-      g.textAlign = tx > padL + pw - 80 ? "right" : "left";
-      g.fillText(" " + fmt(state.threshold) + " ", tx, padT);
-    }
-    document.getElementById("hist-note").textContent =
-      "(" + total + " tags, log scale" + (below ? ", " + below + " under 0.001 not drawn" : "") + ")";
-  }
-
-  // ---- per-label view
-  var labelBox = document.getElementById("labels"), moreBtn = document.getElementById("labels-more");
-  var lastCounts = null;
-  function computeCounts(t) {
-    var counts = new Int32Array(labels.length), perImage = new Int32Array(N), kept = 0;
-    for (var a = 0; a < total; a++) if (allConf[a] >= t) { counts[allLab[a]]++; perImage[allImg[a]]++; kept++; }
-    var withTags = 0;
-    for (var b = 0; b < N; b++) if (perImage[b]) withTags++;
-    return { counts: counts, kept: kept, withTags: withTags };
-  }
-  function drawLabels(res) {
-    var order = [];
-    for (var a = 0; a < labels.length; a++) if (res.counts[a] > 0) order.push(a);
-    order.sort(function (x, y) { return res.counts[y] - res.counts[x] || (labels[x] < labels[y] ? -1 : labels[x] > labels[y] ? 1 : 0); });
-    var okImages = N - nErrors, frag = document.createDocumentFragment(), rows = Math.min(order.length, state.labelRows);
-    var top = order.length ? res.counts[order[0]] : 0;
-    for (a = 0; a < rows; a++) {
-      var li = order[a], n = res.counts[li];
-      var row = el("div", "lrow" + (okImages > 1 && n * 2 >= okImages ? " everywhere" : ""));
-      row.setAttribute("data-label", labels[li]);
-      var nm = el("span", "lname", labels[li]); nm.title = labels[li];
-      row.appendChild(nm);
-      var bar = el("span", "lbar"), fill = el("span");
-      fill.style.width = (top ? n / top * 100 : 0).toFixed(1) + "%";
-      bar.appendChild(fill); row.appendChild(bar);
-      var pct = okImages ? Math.round(n / okImages * 100) : 0;
-      var num = el("span", "lnum", n + " \u00b7 " + pct + "%");
-      num.title = n + " of " + okImages + " images without errors";
-      row.appendChild(num);
-      frag.appendChild(row);
-    }
-    labelBox.textContent = "";
-    if (!rows) labelBox.appendChild(el("div", "empty-note", "No label reaches this threshold."));
-    labelBox.appendChild(frag);
-    document.getElementById("labels-note").textContent = "(" + order.length + (order.length === 1 ? " label fires)" : " labels fire)");
-    if (order.length > state.labelRows) {
-      moreBtn.hidden = false; moreBtn.textContent = "show all " + order.length;
-    } else if (state.labelRows > LABEL_ROWS && order.length > LABEL_ROWS) {
-      moreBtn.hidden = false; moreBtn.textContent = "show top " + LABEL_ROWS;
-    } else {
-      moreBtn.hidden = true;
-    }
-  }
-  moreBtn.addEventListener("click", function () {
-    state.labelRows = state.labelRows > LABEL_ROWS ? LABEL_ROWS : labels.length;
-    if (lastCounts) drawLabels(lastCounts);
-  });
-
-  // ---- threshold
-  var slider = document.getElementById("threshold"), numBox = document.getElementById("threshold-value");
-  slider.max = String(SLIDER_STEPS);
-  var ends = document.querySelectorAll(".range .ends span");
-  for (var e = 0; e < ends.length; e++) {
-    // thumb travel is the track width less the thumb (about 16px)
-    var frac = tToSlider(Number(ends[e].textContent)) / SLIDER_STEPS;
-    ends[e].style.left = "calc(8px + (100% - 16px) * " + frac.toFixed(4) + ")";
-  }
-  var stats = document.getElementById("stats");
-  function apply() {
-    var t = state.threshold;
-    for (var a = 0; a < cards.length; a++) setKept(cards[a], keptCount(images[cards[a].i].tags, t));
-    var res = computeCounts(t);
-    lastCounts = res;
-    stats.textContent = "";
-    stats.appendChild(el("b", null, String(res.kept)));
-    stats.appendChild(document.createTextNode(" tags kept on "));
-    stats.appendChild(el("b", null, String(res.withTags)));
-    stats.appendChild(document.createTextNode(" of " + N + " images"));
-    drawLabels(res);
-    drawHist();
-  }
-  var applyScheduled = false;
-  function scheduleApply() {
-    if (applyScheduled) return;
-    applyScheduled = true;
-    requestAnimationFrame(flush);
-  }
-  function setThreshold(t, fromSlider) {
-    t = Number(t);
-    if (!isFinite(t) || t < 0 || t > 1) return false;
-    state.threshold = t;
-    if (!fromSlider) slider.value = String(tToSlider(t));
-    if (document.activeElement !== numBox) numBox.value = String(Number(t.toPrecision(3)));
-    scheduleApply();
-    return true;
-  }
-  slider.addEventListener("input", function () { setThreshold(sliderToT(Number(slider.value)), true); });
-  numBox.addEventListener("change", function () {
-    if (!setThreshold(numBox.value, false)) numBox.value = String(Number(state.threshold.toPrecision(3)));
-  });
-  window.addEventListener("resize", function () { drawHist(); });
-
-  function flush() { if (applyScheduled) { applyScheduled = false; apply(); } }
-  window.reportState = {
-    get threshold() { return state.threshold; },
-    setThreshold: function (t) { var ok = setThreshold(t, false); flush(); return ok; },
-    flush: flush,
-    renderAll: function () { renderUpTo(N); },
-    renderedCount: function () { return cards.length; },
-    imageCount: function () { return N; },
-    visibleTagCount: function () { return container.querySelectorAll(".tag:not([hidden])").length; },
-    labelCounts: function () {
-      var res = computeCounts(state.threshold), out = {};
-      for (var a = 0; a < labels.length; a++) if (res.counts[a]) out[labels[a]] = res.counts[a];
-      return out;
-    },
-    sliderToThreshold: sliderToT
-  };
-
-  slider.value = String(tToSlider(state.threshold));
-  numBox.value = String(Number(state.threshold.toPrecision(3)));
-  renderUpTo(CHUNK);
-  apply();
-  scheduleFill();
-})();
-</script>
-</body>
-</html>
-"""
 
 
 REPORT_FLOOR = SLIDER_MIN
@@ -766,20 +352,28 @@ REPORT_FLOOR = SLIDER_MIN
 class ReportSink(Sink):
     """Collects a `tag` run's outcomes, re-scored down to the slider's floor, into an HTML report.
 
-    Re-scoring costs one small matrix product per image: the label embeddings
-    are already in the tagger's memory.
+    The page starts from the run's own selection (its vocabulary's per-label
+    thresholds and off switches, the global threshold, max_tags), so it first
+    shows exactly the tags the run wrote. For that it needs every label down to
+    the lowest threshold in play, off ones included and uncapped. Re-scoring
+    costs one small matrix product per image: the label embeddings are already
+    in the tagger's memory.
     """
 
     def __init__(self, tagger: Any, output: Path, *, threshold: float):
         self.tagger, self.output, self.threshold = tagger, output, threshold
+        self.options = tagger.options(threshold=threshold)
+        own = [entry.threshold for entry in self.options.vocabulary.entries if entry.threshold is not None]
+        self.explore = self.options.explore(min([REPORT_FLOOR, threshold, *own]),
+                                            max_tags=max(1, len(self.options.labels)))
         self.records: list[dict] = []
 
     def write(self, path: str, item: Any, record: Mapping) -> None:
-        labels = list(self.tagger.settings.label_set)
-        low = self.tagger.record(item, labels, self.tagger.embed_texts(labels),
-                                 threshold=min(REPORT_FLOOR, self.threshold))
-        self.records.append({"path": path, **low})
+        text = self.tagger.embed_texts(self.explore.labels)
+        self.records.append({"path": path, **self.tagger.record(item, text, self.explore)})
 
     def close(self) -> None:
-        write_report(self.records, self.output, threshold=self.threshold, images_root=Path.cwd())
+        if self.records:  # a run that failed before its first image keeps the previous report
+            write_report(self.records, self.output, threshold=self.threshold, images_root=Path.cwd(),
+                         vocabulary=self.options.vocabulary, max_tags=self.options.max_tags)
 

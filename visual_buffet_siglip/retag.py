@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from .outputs import UsageError
-from .config import normalize_label, normalize_labels
+from .config import normalize_label
 from .engine import ImageEmbedding, SiglipTagger
+from .outputs import UsageError
 from .store import Chunk, EmbeddingStore, check_compatible
+from .vocabulary import TagOptions
 
 # Rows re-tagged per scoring call. Each float64 matrix product has a fixed cost (a parallel region
 # that must get every core: ~20 ms measured on a busy machine), so small frames (a slow run writes
@@ -34,27 +35,30 @@ class Hit:
 
 
 def retag(store: EmbeddingStore, tagger: SiglipTagger, *, labels: Sequence[str] | None = None,
-          threshold: float | None = None, max_tags: int | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(path, record) for every stored image, in store order, as `tag` would give them with these labels.
+          threshold: float | None = None, max_tags: int | None = None, options: TagOptions | None = None
+          ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(path, record) for every stored image, in store order, as `tag` would give them with these options.
 
-    Images that failed when tagged stay error records. `inference_time_ms` is the
-    original run's, the cost of the vision pass the record stands for. The store
-    is checked against the tagger here, before the first record is asked for.
+    `options` default to the tagger's settings (its vocabulary with per-label
+    thresholds); `labels`, `threshold` and `max_tags` are shorthands that build
+    them. Images that failed when tagged stay error records. `inference_time_ms`
+    is the original run's, the cost of the vision pass the record stands for. The
+    store is checked against the tagger here, before the first record is asked for.
     """
     check_compatible(store, tagger)
-    label_list = list(normalize_labels(tagger.settings.label_set if labels is None else labels))
-    return _records(store, tagger, label_list, tagger.embed_texts(label_list), threshold, max_tags)
+    if options is None:
+        options = tagger.options(labels=labels, threshold=threshold, max_tags=max_tags)
+    return _records(store, tagger, options, tagger.embed_texts(options.labels))
 
 
-def _records(store: EmbeddingStore, tagger: SiglipTagger, label_list: list[str], text: np.ndarray,
-             threshold: float | None, max_tags: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
+def _records(store: EmbeddingStore, tagger: SiglipTagger, options: TagOptions, text: np.ndarray
+             ) -> Iterator[tuple[str, dict[str, Any]]]:
     for chunk in store.chunks(RETAG_ROWS):
         scores = iter(_scores(tagger, chunk, text))
         for row, path in enumerate(chunk.paths):
             error = chunk.errors[row]
             item = ImageEmbedding(chunk.start + row, path, chunk.vectors[row], error, chunk.elapsed_ms[row])
-            yield path, tagger.record_scores(item, label_list, None if error else next(scores),
-                                             threshold=threshold, max_tags=max_tags)
+            yield path, tagger.record_scores(item, None if error else next(scores), options)
 
 
 def search(store: EmbeddingStore, tagger: SiglipTagger, query: str, k: int = 20) -> list[Hit]:

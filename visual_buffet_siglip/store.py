@@ -2,19 +2,27 @@
 
 File layout (one file, append-only, so a run that is killed keeps what it wrote):
 
-    line 1      JSON header + "\\n": format marker, the model and its revision, the
-                settings that shape an image embedding (see `StoreIdentity`)
-    then        frames, each an 8-byte little-endian length and one safetensors
-                document: tensor "embeddings" [k, d] float32 (NaN rows for images
-                that failed) and metadata "paths", "errors", "elapsed_ms" (JSON)
+    line 1      JSON header + "\\n": format marker and version, the model and its
+                revision, the settings that shape an image embedding (see `StoreIdentity`)
+    then        frames, each a 16-byte little-endian prefix (document length, CRC-32
+                of the document, CRC-32 of the first 12 prefix bytes) and one
+                safetensors document: tensor "embeddings" [k, d] float32 (NaN rows
+                for images that failed) and metadata "paths", "errors", "elapsed_ms"
+                (JSON, ASCII with escapes, so names that are not valid UTF-8 survive)
 
 Each frame is a complete safetensors document parsed by the safetensors
-library; the length prefix only delimits them. Frames are written whole and
-fsynced, so an interrupted run leaves at most one torn frame at the end, which
-the reader detects by its length and skips with a warning (a resumed run cuts
-it off and appends). A frame that parses but fails its checks (shapes, unit
-rows) is an error, never scores. Readers stream frames, joined into chunks of a
-size the caller picks: memory follows the chunk, not the archive.
+library; the prefix delimits and checks it. A new store appears with its header
+already in it (written beside it, then linked into place), never empty. Frames
+are written whole and fsynced, so an interrupted run leaves at most one torn
+frame at the end, which the reader skips with a warning (a resumed run cuts it
+off and appends). Anything else that fails (a checksum, a prefix, a document
+that does not parse or fails its checks) is damage: the rows before it are used,
+a warning names the store and how many rows were kept, `damaged` is set (retag
+and search then exit 1), and a resumed run cuts the store there and embeds the
+lost images again. Version 1 stores (0.1.0, no checksums) are read and appended
+to with a warning that damage cannot be detected in them. Readers stream frames,
+joined into chunks of a size the caller picks: memory follows the chunk, not the
+archive.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import logging
 import os
 import struct
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -31,7 +40,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from .outputs import Sink, UsageError
+from .fileio import create_with
+from .outputs import Sink, UsageError, path_key
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -40,8 +50,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "visual-buffet-siglip/embeddings"
-FORMAT_VERSION = 1
-_LENGTH = struct.Struct("<Q")
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+_LENGTH = struct.Struct("<Q")  # version 1's frame prefix; also the size field of a safetensors document
+_PREFIX = struct.Struct("<QII")  # length, crc32(document), crc32(length + document crc)
 _MAX_HEADER = 1 << 20
 
 
@@ -107,34 +119,31 @@ class EmbeddingWriter(Sink):
 
     A frame is written when `chunk_rows` rows are buffered or `flush_seconds`
     have passed since the last one, so a killed run loses at most that much.
+    Rows of images in `skip` (path keys already in a resumed store) are not written again.
     """
 
     def __init__(self, path: str | os.PathLike[str], identity: StoreIdentity, *, chunk_rows: int = 1024,
-                 flush_seconds: float = 30.0, handle: IO[bytes] | None = None, append: bool = False):
-        """`append`: `handle` is positioned after the last frame of an existing store; no header is written."""
-        self.path, self.identity = Path(path), identity
+                 flush_seconds: float = 30.0, handle: IO[bytes] | None = None, version: int = FORMAT_VERSION,
+                 skip: set[str] | frozenset[str] = frozenset()):
+        """`handle`: an existing store of format `version`, positioned after its last frame; else a new store."""
+        self.path, self.identity, self.version, self.skip = Path(path), identity, version, skip
         self.chunk_rows, self.flush_seconds = chunk_rows, flush_seconds
-        self._file = handle or _create(self.path)
-        if not append:
+        if handle is None:
             header = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(identity)}
-            self._file.write(json.dumps(header, ensure_ascii=False).encode() + b"\n")
-            self._sync()
+            handle = _create(self.path, json.dumps(header).encode() + b"\n")
+        self._file = handle
         self._rows: list[tuple[str, np.ndarray | None, dict[str, str] | None, float]] = []
         self._last_flush = time.monotonic()
 
     @classmethod
     def for_tagger(cls, path: str | os.PathLike[str], tagger: SiglipTagger, **options: Any) -> EmbeddingWriter:
         """A new store at `path` for `tagger`'s embeddings; refuses an existing file before loading the model."""
-        handle = _create(Path(path))
-        try:
-            identity = StoreIdentity.of(tagger)
-        except BaseException:
-            handle.close()
-            os.unlink(path)
-            raise
-        return cls(path, identity, handle=handle, **options)
+        check_new(path)
+        return cls(path, StoreIdentity.of(tagger), **options)
 
     def write(self, path: str, item: ImageEmbedding, record: dict[str, Any] | None = None) -> None:
+        if self.skip and path_key(path) in self.skip:
+            return
         self._rows.append((path, item.vector, item.error, item.elapsed_ms))
         if len(self._rows) >= self.chunk_rows or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
@@ -149,19 +158,21 @@ class EmbeddingWriter(Sink):
         for row, (_, vector, error, _) in enumerate(self._rows):
             if error is None:
                 vectors[row] = vector
-        metadata = {"paths": json.dumps([r[0] for r in self._rows], ensure_ascii=False),
-                    "errors": json.dumps([r[2] for r in self._rows], ensure_ascii=False),
+        metadata = {"paths": json.dumps([r[0] for r in self._rows]),
+                    "errors": json.dumps([r[2] for r in self._rows]),
                     "elapsed_ms": json.dumps([r[3] for r in self._rows])}
         document = save({"embeddings": vectors}, metadata=metadata)
-        self._file.write(_LENGTH.pack(len(document)) + document)
+        self._file.write(_frame_prefix(document, self.version) + document)
         self._sync()
         self._rows.clear()
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
         if not self._file.closed:
-            self.flush()
-            self._file.close()
+            try:
+                self.flush()
+            finally:
+                self._file.close()
 
     def __enter__(self) -> EmbeddingWriter:
         return self
@@ -174,42 +185,77 @@ class EmbeddingWriter(Sink):
         os.fsync(self._file.fileno())
 
 
-def writer_for_tag(path: str | os.PathLike[str], tagger: SiglipTagger, *, requested: Sequence[str] | None = None,
-                   todo: Sequence[str] = ()) -> EmbeddingWriter:
-    """The store sink of a `tag` run; a resumed run (`requested`: every image asked for) continues the store.
+def _frame_prefix(document: bytes, version: int) -> bytes:
+    if version == 1:
+        return _LENGTH.pack(len(document))
+    head = struct.pack("<QI", len(document), zlib.crc32(document))
+    return head + struct.pack("<I", zlib.crc32(head))
 
-    Continuing checks the store was made with this model and settings, cuts off
-    a torn last frame, and first embeds the images that the run's output already
-    lists (so they are not in `todo`) but the store lacks: rows still buffered
-    when the run was killed. The store then holds every image once.
-    """
-    if requested is None or not Path(path).exists():
-        return EmbeddingWriter.for_tagger(path, tagger)
+
+@dataclass
+class StoreContents:
+    """What an existing store holds, read once when a run resumes it: the images and where good data ends."""
+
+    store: EmbeddingStore
+    stored: set[str]  # path keys
+    end: int  # file offset after the last good frame
+
+
+def read_contents(path: str | os.PathLike[str]) -> StoreContents | None:
+    """The contents of the store at `path` for a resumed run (None when there is none yet); no model needed."""
+    if not os.path.exists(path):
+        return None
     store = EmbeddingStore(path)
-    check_compatible(store, tagger)
     stored: set[str] = set()
     end = store.data_start
     for chunk, end in store.frames():  # noqa: B007 - `end` is read after the loop
-        stored.update(os.path.abspath(name) for name in chunk.paths)
-    handle = open(store.path, "r+b")
-    handle.truncate(end)
-    handle.seek(end)
-    writer = EmbeddingWriter(store.path, store.identity, handle=handle, append=True)
-    pending = set(todo)
-    missing = [name for name in requested if name not in pending and os.path.abspath(name) not in stored]
-    if missing:
-        log.info("embedding %d images that %s lacks (tagged just before the interruption)", len(missing), path)
-        for item in tagger.iter_image_embeddings(missing):
-            writer.write(missing[item.index], item)
+        stored.update(path_key(name) for name in chunk.paths)
+    return StoreContents(store, stored, end)
+
+
+def writer_for_tag(path: str | os.PathLike[str], tagger: SiglipTagger, *,
+                   contents: StoreContents | None = None, embed_first: Sequence[str] = ()) -> EmbeddingWriter:
+    """The store sink of a `tag` run; a resumed run (`contents`: the existing store) continues the store.
+
+    Continuing checks the store was made with this model and settings, cuts off
+    a torn or damaged end, skips the images it already holds, and first embeds
+    `embed_first`: images that the run's output already lists but the store lacks
+    (rows still buffered when a run was killed, a frame lost to a full disk). The
+    store then holds every image once.
+    """
+    if contents is None:
+        writer = EmbeddingWriter.for_tagger(path, tagger)
+    else:
+        check_compatible(contents.store, tagger)
+        handle = open(contents.store.path, "r+b")
+        handle.truncate(contents.end)
+        handle.seek(contents.end)
+        writer = EmbeddingWriter(contents.store.path, contents.store.identity, handle=handle,
+                                 version=contents.store.version, skip=contents.stored)
+    if embed_first:
+        log.info("embedding %d images that %s lacks (tagged before, but their rows were lost)",
+                 len(embed_first), path)
+        for item in tagger.iter_image_embeddings(embed_first):
+            writer.write(embed_first[item.index], item)
     return writer
 
 
-def _create(path: Path) -> IO[bytes]:
+def check_new(path: str | os.PathLike[str]) -> None:
+    """Raise StoreError when `path` exists: a store is never overwritten (checked before the model loads)."""
+    if os.path.lexists(path):
+        raise _exists(path)
+
+
+def _exists(path: str | os.PathLike[str]) -> StoreError:
+    return StoreError(f"embedding store {str(path)!r} already exists; a store is never overwritten: "
+                      "give a new file name, delete the old store first, or add --resume to continue it")
+
+
+def _create(path: Path, header: bytes) -> IO[bytes]:
     try:
-        return open(path, "xb")
+        return create_with(path, header)
     except FileExistsError:
-        raise StoreError(f"embedding store {str(path)!r} already exists; a store is never overwritten: "
-                         "give a new file name, or delete the old store first") from None
+        raise _exists(path) from None
     except OSError as exc:
         raise StoreError(f"cannot create embedding store {str(path)!r}: {exc.strerror or exc}; "
                          "check that its folder exists and is writable") from None
@@ -222,10 +268,14 @@ def _embed_dim(model: Any) -> int:
 # --- reading ---------------------------------------------------------------------------------
 
 class EmbeddingStore:
-    """A store opened for reading; `chunks()` streams it frame by frame."""
+    """A store opened for reading; `chunks()` streams it frame by frame.
+
+    `damaged` turns true once a read met damage (the rows before it were still used).
+    """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
+        self.damaged = False
         try:
             with open(self.path, "rb") as handle:
                 line = handle.readline(_MAX_HEADER)
@@ -242,17 +292,23 @@ class EmbeddingStore:
                      "(`tag ... --save-embeddings FILE` writes one)")
         try:
             header = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise StoreError(not_store) from None
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise StoreError(not_store)
-        if header.get("format_version") != FORMAT_VERSION:
+        version = header.get("format_version")
+        if version not in READABLE_VERSIONS:
             raise StoreError(f"embedding store {str(self.path)!r} has format version "
-                             f"{header.get('format_version')!r}; this visual-buffet-siglip reads version "
-                             f"{FORMAT_VERSION} (upgrade it, or tag the photos again)")
+                             f"{header.get('format_version')!r}; this visual-buffet-siglip reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade it, or tag the photos again)")
+        self.version = int(version)
+        if self.version == 1:
+            log.warning("embedding store %s was written by visual-buffet-siglip 0.1.0, without checksums: "
+                        "damage in it cannot be detected; tag the photos again with --save-embeddings for a "
+                        "store that has them", self.path)
         try:
             return StoreIdentity.from_dict(header)
-        except KeyError as exc:
+        except (KeyError, TypeError) as exc:
             raise StoreError(f"embedding store {str(self.path)!r}: header lacks {exc.args[0]!r}") from None
 
     def chunks(self, rows: int = 1) -> Iterator[Chunk]:
@@ -271,26 +327,32 @@ class EmbeddingStore:
             yield _join(pending)
 
     def frames(self) -> Iterator[tuple[Chunk, int]]:
-        """(chunk, file offset after it) per stored frame; a torn last frame is skipped with a warning."""
-        from safetensors.numpy import load
-
+        """(chunk, file offset after it) per good frame, stopping with a warning at a torn end or damage."""
         start = 0
         with open(self.path, "rb") as handle:
             end = os.fstat(handle.fileno()).st_size
             handle.seek(self.data_start)
             while handle.tell() < end:
-                document = _read_frame(handle, end)
-                if document is None:
-                    log.warning("embedding store %s ends with an incomplete chunk (the tagging run was "
-                                "interrupted); the %d rows before it are used", self.path, start)
-                    return
                 try:
-                    chunk = _chunk(start, load(document), _metadata(document), self.identity.dim)
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise StoreError(f"embedding store {str(self.path)!r} is damaged after row {start} "
-                                     f"({exc}); tag the photos again to rebuild it") from None
+                    document = _read_frame(handle, end, self.version)
+                    if document is None:
+                        log.warning("embedding store %s ends with an incomplete chunk (the tagging run was "
+                                    "interrupted); the %d rows before it are used", self.path, start)
+                        return
+                    chunk = _parse_frame(start, document, self.identity.dim)
+                except _Damage as exc:
+                    self.damaged = True
+                    log.warning("embedding store %s is damaged after row %d (%s): the %d rows before it are "
+                                "used, the rest are lost; `tag --resume --save-embeddings` repairs it (the lost "
+                                "images are embedded again), or tag the photos again", self.path, start, exc,
+                                start)
+                    return
                 yield chunk, handle.tell()
                 start += len(chunk.paths)
+
+
+class _Damage(Exception):
+    """A frame that is not what its writer wrote: a checksum, its length or its content is wrong."""
 
 
 def _join(chunks: list[Chunk]) -> Chunk:
@@ -300,15 +362,34 @@ def _join(chunks: list[Chunk]) -> Chunk:
                  [e for c in chunks for e in c.errors], [t for c in chunks for t in c.elapsed_ms])
 
 
-def _read_frame(handle: IO[bytes], end: int) -> bytes | None:
-    """The next frame's safetensors document, or None when the file ends inside the frame."""
-    prefix = handle.read(_LENGTH.size)
-    if len(prefix) < _LENGTH.size:
+def _read_frame(handle: IO[bytes], end: int, version: int) -> bytes | None:
+    """The next frame's checked safetensors document, or None when the file ends inside the frame."""
+    prefix_size = _LENGTH.size if version == 1 else _PREFIX.size
+    prefix = handle.read(prefix_size)
+    if len(prefix) < prefix_size:
         return None
-    size = _LENGTH.unpack(prefix)[0]
+    if version == 1:
+        size, crc = _LENGTH.unpack(prefix)[0], None
+    else:
+        size, crc, prefix_crc = _PREFIX.unpack(prefix)
+        if zlib.crc32(prefix[:12]) != prefix_crc:
+            raise _Damage("a frame's length field fails its checksum")
     if size > end - handle.tell():  # checked first: a torn length must not size a huge read
         return None
-    return handle.read(size)
+    document = handle.read(size)
+    if crc is not None and zlib.crc32(document) != crc:
+        raise _Damage("a frame fails its checksum")
+    return document
+
+
+def _parse_frame(start: int, document: bytes, dim: int) -> Chunk:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    try:
+        return _chunk(start, load(document), _metadata(document), dim)
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError, struct.error, SafetensorError) as exc:
+        raise _Damage(str(exc) or type(exc).__name__) from None
 
 
 def _metadata(document: bytes) -> dict[str, str]:
@@ -373,5 +454,5 @@ def _revision_of(settings: Settings) -> str | None:
         return None
 
 
-__all__ = ["EmbeddingStore", "EmbeddingWriter", "StoreError", "StoreIdentity", "writer_for_tag",
-           "check_compatible"]
+__all__ = ["EmbeddingStore", "EmbeddingWriter", "StoreError", "StoreIdentity", "StoreContents", "Chunk",
+           "read_contents", "writer_for_tag", "check_new", "check_compatible"]

@@ -33,13 +33,14 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .fileio import write_atomic
+from .locks import locked
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ class DiskLabelStore:
         with self._lock:
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
-                with _locked(self.lock_path):
+                with locked(self.lock_path):
                     stored = self.load()
                     new = {label: vec for label, vec in fresh.items() if label not in stored}
                     if not new and self.path.exists():
@@ -258,35 +259,6 @@ def _checksum(labels_json: str, matrix: np.ndarray) -> str:
     digest.update(str(matrix.shape).encode())
     digest.update(np.ascontiguousarray(matrix, dtype=np.float32).tobytes())
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock held while the block runs (advisory; a no-op where unsupported)."""
-    with open(path, "a+b") as fh:
-        try:
-            import fcntl
-        except ImportError:
-            fcntl = None  # type: ignore[assignment]
-        if fcntl is not None:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-            return
-        try:
-            import msvcrt
-        except ImportError:  # pragma: no cover - neither POSIX nor Windows
-            yield
-            return
-        fh.seek(0)
-        msvcrt.locking(fh.fileno(), msvcrt.LK_LOCK, 1)  # retries for ~10 s, then OSError
-        try:
-            yield
-        finally:
-            fh.seek(0)
-            msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
 
 
 # --- both layers ------------------------------------------------------------------------------
