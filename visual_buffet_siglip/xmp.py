@@ -215,9 +215,7 @@ def _write_our_record(home: Dom, keywords: Sequence[Keyword], subjects: list[str
         seq = _append(prop, _element(prop, RDF, rdf, "Seq"))
         for keyword in keywords:  # a struct per keyword, its fields as attributes (as darktable's history)
             li = _append(seq, _element(seq, RDF, rdf, "li"))
-            for local, value in (("label", keyword.label), ("confidence", _number(keyword.confidence)),
-                                 ("threshold", _number(keyword.threshold)), ("subject", keyword.subject),
-                                 ("hierarchicalSubject", keyword.hierarchical)):
+            for local, value in zip(KEYWORD_FIELDS, _fields(keyword)):
                 li.setAttributeNS(NAMESPACE, f"{prefix}:{local}", value)
 
 
@@ -236,20 +234,27 @@ def _number(value: float) -> str:
     return format(value, ".6g")
 
 
-# --- the fast path: sidecars that hold only our record ---------------------------------------
-
 KEYWORD_FIELDS = ("label", "confidence", "threshold", "subject", "hierarchicalSubject")
 Fields = tuple[str, ...]  # one keyword's KEYWORD_FIELDS as written
+
+
+def _fields(keyword: Keyword) -> Fields:
+    return (keyword.label, _number(keyword.confidence), _number(keyword.threshold), keyword.subject,
+            keyword.hierarchical)
+
+
+# --- the fast path: sidecars that hold only our record ---------------------------------------
+
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 _ESCAPED = re.compile('[&<>"\t\n\r]')  # what some Python's minidom escapes, in text or attributes
 _SCRATCH = minidom.Document()
+_FRESH_HEAD = ('<?xml version="1.0" encoding="UTF-8"?>\n' + TEMPLATE.split(' rdf:about=""/>', 1)[0]
+               ).encode("utf-8")  # how every sidecar `_fresh` writes starts, up to "<rdf:Description"
 
 
 def _fresh(keywords: Sequence[Keyword], *, model: str, threshold: float) -> bytes | None:
     """What the tree merge writes for a new sidecar (None: a value XML cannot hold; the tree merge decides)."""
-    return _fresh_bytes(model, __version__, _number(threshold),
-                        [(k.label, _number(k.confidence), _number(k.threshold), k.subject, k.hierarchical)
-                         for k in keywords])
+    return _fresh_bytes(model, __version__, _number(threshold), [_fields(k) for k in keywords])
 
 
 def _fresh_bytes(model: str, version: str, threshold: str, keywords: Sequence[Fields]) -> bytes | None:
@@ -299,6 +304,8 @@ def _ours_alone(existing: bytes) -> bool:
     import defusedxml
     import defusedxml.ElementTree
 
+    if not existing.startswith(_FRESH_HEAD):  # a sidecar another program wrote: no need to parse it here
+        return False
     try:
         root = defusedxml.ElementTree.fromstring(existing, forbid_dtd=True, forbid_entities=True,
                                                  forbid_external=True)
