@@ -215,7 +215,7 @@ def _write_our_record(home: Dom, keywords: Sequence[Keyword], subjects: list[str
         seq = _append(prop, _element(prop, RDF, rdf, "Seq"))
         for keyword in keywords:  # a struct per keyword, its fields as attributes (as darktable's history)
             li = _append(seq, _element(seq, RDF, rdf, "li"))
-            for local, value in zip(KEYWORD_FIELDS, _fields(keyword)):
+            for local, value in zip(KEYWORD_FIELDS, _fields(keyword), strict=True):
                 li.setAttributeNS(NAMESPACE, f"{prefix}:{local}", value)
 
 
@@ -269,13 +269,17 @@ def _fresh_bytes(model: str, version: str, threshold: str, keywords: Sequence[Fi
     if keywords:
         lines += _bag(f"{PREFIX}:subjects", subjects) + _bag(f"{PREFIX}:hierarchicalSubjects", paths)
         lines += [f"   <{PREFIX}:keywords>", "    <rdf:Seq>"]
-        lines += ["     <rdf:li " + " ".join(f'{PREFIX}:{local}="{_escaped(value, True)}"'
-                                             for local, value in zip(KEYWORD_FIELDS, k)) + "/>" for k in keywords]
+        lines += [f"     <rdf:li {_attributes(k)}/>" for k in keywords]
         lines += ["    </rdf:Seq>", f"   </{PREFIX}:keywords>"]
     declarations = (f'xmlns:dc="{DC}" xmlns:lr="{LR}" ' if keywords else "") + f'xmlns:{PREFIX}="{NAMESPACE}"'
     description = "\n".join([f'<rdf:Description {declarations} rdf:about="">', *lines, "  </rdf:Description>"])
     body = TEMPLATE.replace('<rdf:Description rdf:about=""/>', description)
     return f'<?xml version="1.0" encoding="UTF-8"?>\n{body}\n'.encode("utf-8")
+
+
+def _attributes(keyword: Fields) -> str:
+    return " ".join(f'{PREFIX}:{local}="{_escaped(value, True)}"'
+                    for local, value in zip(KEYWORD_FIELDS, keyword, strict=True))
 
 
 def _bag(name: str, values: list[str]) -> list[str]:
