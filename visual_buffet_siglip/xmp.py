@@ -326,7 +326,7 @@ def _ours_alone(existing: bytes) -> bool:
         return False
     if any(value is None for k in keywords for value in k):
         return False
-    return _fresh_bytes(model, version, threshold, keywords) == existing  # type: ignore[arg-type]
+    return _fresh_bytes(model, version, threshold, keywords) == existing
 
 
 # --- small DOM helpers ------------------------------------------------------------------------
