@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 from conftest import make_image
 
@@ -12,7 +11,7 @@ from visual_buffet_siglip.outputs import sidecar_path
 
 
 def run(paths, checkpoints, *extra) -> int:
-    return cli.main(["-q", "tag", *map(str, paths), "--format", "jsonl", "-o", os.devnull, "--sidecar", *extra,
+    return cli.main(["-q", "tag", *map(str, paths), "--format", "jsonl", "--sidecar", *extra,
                      "--model", str(checkpoints["siglip"]), "--device", "cpu", "--no-text-cache"])
 
 

@@ -10,11 +10,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from visual_buffet_siglip.cli import main
 from visual_buffet_siglip.vocabulary import TagOptions, parse_vocabulary
-from visual_buffet_siglip.xmp import (MAX_SIDECAR_BYTES, XmpError, XmpSink, keywords_for, merge, read_sidecar,
-                                      sidecar_path)
+from visual_buffet_siglip.xmp import (MAX_SIDECAR_BYTES, Keyword, XmpError, XmpSink, _merge_tree, _ours_alone,
+                                      keywords_for, merge, read_sidecar, sidecar_path)
 
 EXIFTOOL = shutil.which("exiftool")
 needs_exiftool = pytest.mark.skipif(EXIFTOOL is None, reason="exiftool (Debian libimage-exiftool-perl) is "
@@ -208,6 +210,63 @@ def test_sidecar_paths(tmp_path, monkeypatch):
     assert sidecar_path(str(tmp_path / "pics" / "a.png"), "out") == Path("out/pics/a.png.xmp")
     assert sidecar_path("/elsewhere/a.png", "out") == Path("out/elsewhere/a.png.xmp")
     assert read_sidecar(tmp_path / "missing.xmp") is None
+
+
+# --- the fast path (sidecars holding only our record) gives the tree merge's bytes ------------
+
+def outcome(merger, existing, keywords, model="m"):
+    """The bytes a merge gives, or its error."""
+    try:
+        return merger(existing, keywords, model=model, threshold=0.01, source="a.jpg.xmp")
+    except XmpError as exc:
+        return f"XmpError: {exc}"
+
+
+# few letters, so subjects repeat; the characters minidom escapes, and some XML cannot hold
+WORDS = st.text(alphabet=st.sampled_from(list('ab |&<>"\'\t\n\r\xe9\U0001f415\x00\x0b')), max_size=5)
+KEYWORDS = st.lists(st.builds(Keyword, WORDS, st.floats(0, 1), st.sampled_from([0.01, 0.04, 1e-05]), WORDS, WORDS),
+                    max_size=4)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(first=KEYWORDS, then=KEYWORDS, model=WORDS)
+def test_fast_path_gives_the_tree_merges_bytes(first, then, model):
+    new = outcome(merge, None, first, model)
+    assert new == outcome(_merge_tree, None, first, model)  # a new sidecar
+    if isinstance(new, bytes):
+        assert outcome(merge, new, first, model) == outcome(_merge_tree, new, first, model)  # a rerun
+        assert outcome(merge, new, then, model) == outcome(_merge_tree, new, then, model)  # a new vocabulary
+
+
+def test_fast_path_cases_and_a_sidecar_the_user_edited_between_runs():
+    first = keywords_for(tags(("golden retriever", 0.07), ("sunset", 0.02)), OPTIONS)
+    then = keywords_for(tags(("beach", 0.5)), OPTIONS)
+    new = merge(None, first, model="m", threshold=0.01)
+    assert _ours_alone(new) and merge(new, first, model="m", threshold=0.01) == new
+    assert merge(new, then, model="m", threshold=0.01) == merge(None, then, model="m", threshold=0.01)
+    # the user adds a keyword and a rating: no longer ours alone, the tree merge keeps both
+    edited = new.replace(b"<rdf:li>sunset</rdf:li>\n    </rdf:Bag>\n   </dc:subject>",
+                         b"<rdf:li>sunset</rdf:li>\n     <rdf:li>holiday</rdf:li>\n    </rdf:Bag>\n   </dc:subject>"
+                         ).replace(b'rdf:about=""', b'rdf:about="" xmp:Rating="4"').replace(
+                         b"<rdf:Description ", b'<rdf:Description xmlns:xmp="http://ns.adobe.com/xap/1.0/" ')
+    assert edited.count(b"holiday") == 1 and not _ours_alone(edited)
+    for keywords in (first, then, []):
+        out = merge(edited, keywords, model="m", threshold=0.01)
+        assert out == _merge_tree(edited, keywords, model="m", threshold=0.01, source="s")
+        assert b"<rdf:li>holiday</rdf:li>" in out and b'xmp:Rating="4"' in out
+    renamed = new.replace(b"<rdf:li>sunset</rdf:li>", b"<rdf:li>sunrise</rdf:li>", 1)  # in dc:subject only
+    assert b"<rdf:li>sunset</rdf:li>" in renamed and not _ours_alone(renamed)
+    assert merge(renamed, then, model="m", threshold=0.01) == _merge_tree(renamed, then, model="m", threshold=0.01,
+                                                                          source="s")
+    assert b"<rdf:li>sunrise</rdf:li>" in merge(renamed, then, model="m", threshold=0.01)  # the user's now
+    assert not _ours_alone(merge(None, [], model="m", threshold=0.01))
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_hostile_sidecars_are_refused_with_keywords_too(kind):
+    keywords = keywords_for(tags(("beach", 0.2)), OPTIONS)
+    with pytest.raises(XmpError, match=r"^evil\.jpg\.xmp: .*left unchanged"):
+        merge(HOSTILE[kind], keywords, model="m", threshold=0.01, source="evil.jpg.xmp")
 
 
 # --- end to end: tag, then retag with a tuned vocabulary --------------------------------------

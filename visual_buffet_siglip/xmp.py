@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from xml.dom import Node, minidom
+from xml.etree.ElementTree import ParseError
 from xml.parsers.expat import ExpatError
 
 from . import __version__
@@ -92,7 +95,22 @@ def keywords_for(tags: Sequence[dict[str, Any]], options: TagOptions, *, root: s
 
 def merge(existing: bytes | None, keywords: Sequence[Keyword], *, model: str, threshold: float,
           source: str = "sidecar") -> bytes:
-    """The sidecar `existing` (None: a new one) with our keywords and record replaced by these."""
+    """The sidecar `existing` (None: a new one) with our keywords and record replaced by these.
+
+    Sidecars that hold nothing but a record of ours (new ones, and every rerun
+    or vocabulary change on them) take a fast path that builds the bytes as
+    text; it gives exactly what the tree merge gives (the tests compare them),
+    which every other sidecar still goes through.
+    """
+    fresh = _fresh(keywords, model=model, threshold=threshold)
+    if fresh is not None and (existing is None or existing == fresh or (keywords and _ours_alone(existing))):
+        return fresh
+    return _merge_tree(existing, keywords, model=model, threshold=threshold, source=source)
+
+
+def _merge_tree(existing: bytes | None, keywords: Sequence[Keyword], *, model: str, threshold: float,
+                source: str) -> bytes:
+    """The merge on a namespace-aware tree: any sidecar, keeping all that is not ours."""
     doc = _parse(existing, source) if existing is not None else minidom.parseString(TEMPLATE)
     root = doc.documentElement  # rdf:RDF is the root or a child of x:xmpmeta
     rdf = next((e for e in (root, *_elements(root)) if (e.namespaceURI, e.localName) == (RDF, "RDF")), None)
@@ -197,9 +215,7 @@ def _write_our_record(home: Dom, keywords: Sequence[Keyword], subjects: list[str
         seq = _append(prop, _element(prop, RDF, rdf, "Seq"))
         for keyword in keywords:  # a struct per keyword, its fields as attributes (as darktable's history)
             li = _append(seq, _element(seq, RDF, rdf, "li"))
-            for local, value in (("label", keyword.label), ("confidence", _number(keyword.confidence)),
-                                 ("threshold", _number(keyword.threshold)), ("subject", keyword.subject),
-                                 ("hierarchicalSubject", keyword.hierarchical)):
+            for local, value in zip(KEYWORD_FIELDS, _fields(keyword), strict=True):
                 li.setAttributeNS(NAMESPACE, f"{prefix}:{local}", value)
 
 
@@ -216,6 +232,101 @@ def _namespace_declarations_first(element: Dom) -> None:
 
 def _number(value: float) -> str:
     return format(value, ".6g")
+
+
+KEYWORD_FIELDS = ("label", "confidence", "threshold", "subject", "hierarchicalSubject")
+Fields = tuple[str, ...]  # one keyword's KEYWORD_FIELDS as written
+
+
+def _fields(keyword: Keyword) -> Fields:
+    return (keyword.label, _number(keyword.confidence), _number(keyword.threshold), keyword.subject,
+            keyword.hierarchical)
+
+
+# --- the fast path: sidecars that hold only our record ---------------------------------------
+
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_ESCAPED = re.compile('[&<>"\t\n\r]')  # what some Python's minidom escapes, in text or attributes
+_SCRATCH = minidom.Document()
+_FRESH_HEAD = ('<?xml version="1.0" encoding="UTF-8"?>\n' + TEMPLATE.split(' rdf:about=""/>', 1)[0]
+               ).encode("utf-8")  # how every sidecar `_fresh` writes starts, up to "<rdf:Description"
+
+
+def _fresh(keywords: Sequence[Keyword], *, model: str, threshold: float) -> bytes | None:
+    """What the tree merge writes for a new sidecar (None: a value XML cannot hold; the tree merge decides)."""
+    return _fresh_bytes(model, __version__, _number(threshold), [_fields(k) for k in keywords])
+
+
+def _fresh_bytes(model: str, version: str, threshold: str, keywords: Sequence[Fields]) -> bytes | None:
+    if _NOT_XML.search("".join((model, version, threshold, *(value for k in keywords for value in k)))):
+        return None
+    lines = []
+    if keywords:
+        subjects, paths = list(dict.fromkeys(k[3] for k in keywords)), list(dict.fromkeys(k[4] for k in keywords))
+        lines += _bag("dc:subject", subjects) + _bag("lr:hierarchicalSubject", paths)
+    lines += [f"   <{PREFIX}:{local}>{_escaped(value, False)}</{PREFIX}:{local}>"
+              for local, value in (("model", model), ("version", version), ("threshold", threshold))]
+    if keywords:
+        lines += _bag(f"{PREFIX}:subjects", subjects) + _bag(f"{PREFIX}:hierarchicalSubjects", paths)
+        lines += [f"   <{PREFIX}:keywords>", "    <rdf:Seq>"]
+        lines += [f"     <rdf:li {_attributes(k)}/>" for k in keywords]
+        lines += ["    </rdf:Seq>", f"   </{PREFIX}:keywords>"]
+    declarations = (f'xmlns:dc="{DC}" xmlns:lr="{LR}" ' if keywords else "") + f'xmlns:{PREFIX}="{NAMESPACE}"'
+    description = "\n".join([f'<rdf:Description {declarations} rdf:about="">', *lines, "  </rdf:Description>"])
+    body = TEMPLATE.replace('<rdf:Description rdf:about=""/>', description)
+    return f'<?xml version="1.0" encoding="UTF-8"?>\n{body}\n'.encode()
+
+
+def _attributes(keyword: Fields) -> str:
+    return " ".join(f'{PREFIX}:{local}="{_escaped(value, True)}"'
+                    for local, value in zip(KEYWORD_FIELDS, keyword, strict=True))
+
+
+def _bag(name: str, values: list[str]) -> list[str]:
+    return [f"   <{name}>", "    <rdf:Bag>", *(f"     <rdf:li>{_escaped(v, False)}</rdf:li>" for v in values),
+            "    </rdf:Bag>", f"   </{name}>"]
+
+
+@lru_cache(maxsize=8192)
+def _escaped(value: str, attribute: bool) -> str:
+    """`value` as minidom writes it, by minidom itself (which characters it escapes changed in Python 3.13)."""
+    if not _ESCAPED.search(value):
+        return value
+    if not attribute:
+        return str(_SCRATCH.createTextNode(value).toxml())
+    element = _SCRATCH.createElement("a")
+    element.setAttribute("v", value)
+    return str(element.toxml())[len('<a v="'):-len('"/>')]
+
+
+def _ours_alone(existing: bytes) -> bool:
+    """Whether `existing` is exactly what `_fresh` wrote for some keywords (a cheap parse, then a rebuild).
+
+    On such a sidecar the tree merge drops all of it but the layout and puts
+    in the new record: the result is the new fresh sidecar (the tests check it).
+    """
+    import defusedxml
+    import defusedxml.ElementTree
+
+    if not existing.startswith(_FRESH_HEAD):  # a sidecar another program wrote: no need to parse it here
+        return False
+    try:
+        root = defusedxml.ElementTree.fromstring(existing, forbid_dtd=True, forbid_entities=True,
+                                                 forbid_external=True)
+    except (defusedxml.DefusedXmlException, ParseError):
+        return False  # the tree merge says why
+    description = root.find(f"{{{RDF}}}RDF/{{{RDF}}}Description")
+    if description is None:
+        return False
+    model, version, threshold = (description.findtext(f"{{{NAMESPACE}}}{local}")
+                                 for local in ("model", "version", "threshold"))
+    keywords = [tuple(li.get(f"{{{NAMESPACE}}}{local}") for local in KEYWORD_FIELDS)
+                for li in description.iterfind(f"{{{NAMESPACE}}}keywords/{{{RDF}}}Seq/{{{RDF}}}li")]
+    if model is None or version is None or threshold is None or not keywords:
+        return False
+    if any(value is None for k in keywords for value in k):
+        return False
+    return _fresh_bytes(model, version, threshold, keywords) == existing
 
 
 # --- small DOM helpers ------------------------------------------------------------------------
