@@ -71,7 +71,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 _OVERRIDES = (("model", "model"), ("confidence_threshold", "threshold"), ("max_tags", "max_tags"),
               ("labels_file", "labels_file"), ("batch_size", "batch_size"), ("device", "device"),
-              ("dtype", "dtype"), ("attention", "attention"), ("quantization", "quantization"),
+              ("backend", "backend"), ("dtype", "dtype"), ("attention", "attention"), ("quantization", "quantization"),
               ("decode", "decode"), ("max_num_patches", "max_num_patches"), ("text_cache", "text_cache"))
 
 
@@ -83,6 +83,7 @@ def _add_settings_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels-file", metavar="FILE", help="one label a line; replaces the built-in vocabulary")
     parser.add_argument("--batch-size", type=_batch_size, help="'auto' or 1..1024")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
+    parser.add_argument("--backend", help="auto, torch, openvino (CPU; the `openvino` extra)")
     parser.add_argument("--dtype", help="auto, float16, bfloat16, float32")
     parser.add_argument("--attention", help="auto, sdpa, flash_attention_2, eager")
     parser.add_argument("--quantization", help="none, 8bit, 4bit")

@@ -154,6 +154,7 @@ class SiglipTagger:
         self._batch_size: int | None = None
         self._policy: DecodePolicy | None = None
         self._resize: tuple[tuple[int, int], int] | None = None
+        self._openvino: Any = None  # openvino_backend.OpenVINOTowers when the plan's backend is OpenVINO
 
     # --- model -----------------------------------------------------------------------------
     @property
@@ -173,6 +174,10 @@ class SiglipTagger:
                     loaded = load(self.settings.model, chosen)
                     self._batch_size = chosen.batch_size
                     self._resize = _fixed_resize(loaded)
+                    if chosen.backend == "openvino":
+                        from .openvino_backend import OpenVINOTowers
+
+                        self._openvino = OpenVINOTowers(loaded, cache_root(self.settings.cache_dir))
                     self._loaded = loaded
         return self._loaded
 
@@ -225,6 +230,7 @@ class SiglipTagger:
             "model": loaded.fingerprint,
             "weights": weights_digest(loaded.source),
             "template": TEMPLATE, "lowercase": True, "padding": "max_length", "max_length": MAX_LENGTH,
+            "backend": plan.backend,
             "dtype": plan.dtype, "quantization": plan.quantization, "attention": plan.attention,
             "device": torch.device(plan.device).type,
             **library_versions(),
@@ -260,7 +266,7 @@ class SiglipTagger:
             inputs = {k: v.to(self._device) for k, v in tokens.items()
                       if k in ("input_ids", "attention_mask", "position_ids")}
             with self._model_lock, torch.inference_mode():
-                features = _pooled(loaded.model.get_text_features(**inputs))
+                features = self._features("text", inputs)
             vectors = _normalise(features)
             out.update(zip(chunk, vectors))
         return out
@@ -371,8 +377,15 @@ class SiglipTagger:
             tensor = torch.cat([item.inputs[key] for item in chunk]).to(self._device)
             inputs[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         with self._model_lock, torch.inference_mode():
-            features = _pooled(loaded.model.get_image_features(**inputs))
+            features = self._features("vision", inputs)
         return _normalise(features)
+
+    def _features(self, tower: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled features of one tower, from the plan's backend."""
+        if self._openvino is not None:
+            return self._openvino.features(tower, inputs)
+        model = self.loaded.model
+        return _pooled((model.get_image_features if tower == "vision" else model.get_text_features)(**inputs))
 
     def embed_images(self, images: Iterable[ImageSource]) -> np.ndarray:
         """[n, d] L2-normalised float32 image embeddings; rows of images that failed are NaN.

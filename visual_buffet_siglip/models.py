@@ -283,9 +283,11 @@ def load(name: str, plan: Plan) -> LoadedModel:
             "or pick a checkpoint that ships safetensors.")
     kwargs: dict[str, Any] = {
         "use_safetensors": True, "trust_remote_code": False, "local_files_only": True,
-        "dtype": getattr(torch, plan.dtype), "attn_implementation": plan.attention,
+        # OpenVINO converts from float32 weights and applies dtype / quantization itself
+        "dtype": getattr(torch, plan.dtype if plan.backend == "torch" else "float32"),
+        "attn_implementation": plan.attention,
     }
-    if plan.quantization != "none":
+    if plan.quantization != "none" and plan.backend == "torch":
         from .quantization import quantization_config
 
         kwargs["quantization_config"] = quantization_config(plan)
@@ -296,7 +298,7 @@ def load(name: str, plan: Plan) -> LoadedModel:
         processor = AutoProcessor.from_pretrained(str(source), trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"cannot load model {name!r} from {str(source)!r}: {exc}") from exc
-    if plan.quantization == "none":
+    if plan.quantization == "none" or plan.backend != "torch":
         model = model.to(plan.device)
     model.eval()
     log.info("loaded %s from %s (%s, %s, %s attention)", name, source, plan.device, plan.dtype, plan.attention)
