@@ -214,3 +214,21 @@ def test_importing_the_plugin_does_not_import_openvino():
             "__import__('visual_buffet_siglip.models', fromlist=['x']).model_info('google/siglip-base-patch16-224')); "
             "assert 'openvino' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_numpy_normalisation_is_bit_identical_to_the_processor(checkpoints):
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from visual_buffet_siglip.pixels import fixed_normaliser
+
+    rng = np.random.default_rng(3)
+    for family in ("siglip", "siglip2"):
+        processor = AutoProcessor.from_pretrained(checkpoints[family])
+        normalise = fixed_normaliser(processor)
+        size = processor.image_processor.size
+        for _ in range(3):
+            image = Image.fromarray(rng.integers(0, 256, (size.height, size.width, 3), dtype=np.uint8))
+            expected = processor(images=[image], return_tensors="pt")["pixel_values"]
+            assert torch.equal(normalise(image), expected), family

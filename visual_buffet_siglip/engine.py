@@ -42,6 +42,7 @@ from .hardware import HardwareProfile, Plan, cpu_cores, detect
 from .hardware import plan as make_plan
 from .images import ImageError, ImageSource, describe, load_image
 from .models import LoadedModel, load, model_info
+from .pixels import fixed_normaliser
 from .textcache import DiskLabelStore, LabelEmbeddingCache, cache_root, library_versions, weights_digest
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ class SiglipTagger:
         self._policy: DecodePolicy | None = None
         self._resize: tuple[tuple[int, int], int] | None = None
         self._openvino: Any = None  # openvino_backend.OpenVINOTowers when the plan's backend is OpenVINO
+        self._normalise: Any = None  # pixels.fixed_normaliser: the processor's arithmetic, without its overhead
 
     # --- model -----------------------------------------------------------------------------
     @property
@@ -174,6 +176,7 @@ class SiglipTagger:
                     loaded = load(self.settings.model, chosen)
                     self._batch_size = chosen.batch_size
                     self._resize = _fixed_resize(loaded)
+                    self._normalise = fixed_normaliser(loaded.processor) if self._resize else None
                     if chosen.backend == "openvino":
                         from .openvino_backend import OpenVINOTowers
 
@@ -283,6 +286,8 @@ class SiglipTagger:
             if self._resize is not None and image.size != self._resize[0]:
                 # what the processor's own (PIL) resize does, without its two full-size array copies
                 image = image.resize(*self._resize)
+            if self._normalise is not None and image.mode == "RGB":
+                return _Prepared(index, source, {"pixel_values": self._normalise(image)}, None, _ms(start))
             kwargs: dict[str, Any] = {"return_tensors": "pt"}
             if self.loaded.info.family == "naflex":
                 kwargs["max_num_patches"] = self.settings.max_num_patches

@@ -362,10 +362,11 @@ def plan(profile: HardwareProfile, settings: Settings, model: ModelInfo) -> Plan
     backend = _choose_backend(profile, settings, model, device, reasons, problems)
     dtype = _choose_dtype(profile, settings.dtype, device, gpu, reasons, warnings, problems)
     if backend == "openvino":
-        from .openvino_backend import quantization_reason
+        from .openvino_backend import dtype_note, quantization_reason
 
         quant = settings.quantization
         reasons["quantization"] = quantization_reason(quant, profile.nncf, profile.cpu.features)
+        reasons["dtype"] += dtype_note(dtype, _has_bf16_cpu(profile.cpu))
     else:
         quant = _choose_quantization(profile, settings.quantization, device, reasons, warnings, problems)
     attention = _choose_attention(profile, settings.attention, model, device, gpu, dtype,

@@ -115,6 +115,17 @@ def quantization_reason(quantization: str, nncf: str | None, cpu_features: froze
             f"asymmetric per-channel, activations in the dtype below); {speed}")
 
 
+def dtype_note(dtype: str, native_bf16: bool) -> str:
+    """What the dtype means for OpenVINO, appended to the plan's dtype reason."""
+    if dtype == "bfloat16" and not native_bf16:
+        return ("; OpenVINO: this CPU has no native bfloat16 (AMX / AVX512-BF16), so OpenVINO computes in "
+                "float32 here: float32's speed and scores")
+    if dtype == "bfloat16":
+        return "; OpenVINO compiles the towers with the bf16 precision hint (AMX / AVX512-BF16 kernels)"
+    return ("; OpenVINO compiles the towers with the f32 precision hint, so scores equal the reference "
+            "(its own CPU default would be bf16 where the CPU has it)")
+
+
 def compile_config(dtype: str) -> dict[str, str]:
     """OpenVINO CPU compile properties for the plan's dtype (f32 keeps results exact)."""
     return {"INFERENCE_PRECISION_HINT": DTYPE_HINTS.get(dtype, "f32")}
@@ -278,8 +289,8 @@ class OpenVINOTowers:
 
         compiled, names = self._compiled_tower(tower, tuple(inputs))
         arrays = [inputs[name].detach().cpu().numpy() for name in names]
-        output = compiled(arrays)[0]
-        return torch.from_numpy(output.astype("float32", copy=False))
+        output = compiled(arrays)[0]  # a view of the request's buffer, which the next call overwrites
+        return torch.from_numpy(output.astype("float32", copy=True))
 
     def _compiled_tower(self, tower: str, names: tuple[str, ...]) -> tuple[Any, tuple[str, ...]]:
         found = self._compiled.get(tower)
