@@ -186,7 +186,10 @@ class ModelCache:
                 model = build()
                 try:
                     self._write(entry, key, model)
-                except OSError as exc:
+                    # what every later process runs: a freshly converted graph and its saved form can
+                    # compile to kernels that differ in the last bit
+                    return self._read(entry, key)
+                except (OSError, CacheEntryError) as exc:
                     log.warning("cannot save the converted model to %s (%s); it will be converted again "
                                 "next run", entry, exc)
                 return model
