@@ -133,12 +133,13 @@ def test_unwritable_cache_converts_in_memory(checkpoints, images, tmp_path, monk
     assert any("not writable" in r.getMessage() for r in caplog.records)
 
 
-def test_int8_weight_compression_runs_close_to_float32(checkpoints, images, ov_cache):
+def test_int8_weight_compression_runs_close_to_float32(checkpoints, images, ov_cache, capfd):
     checkpoint = checkpoints["siglip"]
     tagger = SiglipTagger(ov_settings(checkpoint, quantization="8bit"))
     assert tagger.plan.quantization == "8bit" and "NNCF" in tagger.plan.reason("quantization")
     exact = scores_from_tags(SiglipTagger(ov_settings(checkpoint)).tag(images), LABELS_N)
     int8 = scores_from_tags(tagger.tag(images), LABELS_N)
+    assert capfd.readouterr().out == ""  # NNCF's tables and progress bar stay off stdout (it carries results)
     assert 0 < np.abs(int8 - exact).max() < 0.05  # compressed (not identical), still close
     names = [p.name for p in (ov_cache / "openvino").iterdir() if p.is_dir()]
     assert len(names) == 4  # int8 entries of their own beside the float32 ones: keyed apart
@@ -232,3 +233,22 @@ def test_numpy_normalisation_is_bit_identical_to_the_processor(checkpoints):
             image = Image.fromarray(rng.integers(0, 256, (size.height, size.width, 3), dtype=np.uint8))
             expected = processor(images=[image], return_tensors="pt")["pixel_values"]
             assert torch.equal(normalise(image), expected), family
+
+
+def test_a_float32_store_serves_both_backends_and_other_precisions_are_refused(checkpoints, tmp_path):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from visual_buffet_siglip.store import StoreError, StoreIdentity, check_compatible
+
+    checkpoint = checkpoints["siglip"]
+    ov = SiglipTagger(ov_settings(checkpoint))
+    torch_ = SiglipTagger(make_settings(checkpoint, backend="torch"))
+    written = StoreIdentity.of(ov)
+    check_compatible(SimpleNamespace(identity=written, path=tmp_path / "a.store"), torch_)  # interchangeable
+    bf16 = dataclasses.replace(written, dtype="bfloat16")
+    with pytest.raises(StoreError, match="--backend openvino") as info:
+        check_compatible(SimpleNamespace(identity=bf16, path=tmp_path / "b.store"), torch_)
+    assert "--dtype bfloat16" in str(info.value)
+    old_header = {k: v for k, v in dataclasses.asdict(written).items() if k != "backend"}
+    assert StoreIdentity.from_dict(old_header).backend == "torch"  # stores from before the backend existed

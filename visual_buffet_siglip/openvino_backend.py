@@ -339,8 +339,15 @@ class OpenVINOTowers:
         if self.weight_format == "int8_asym":
             import nncf
 
-            with contextlib.redirect_stdout(sys.stderr):  # NNCF prints tables; stdout carries results
-                model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+            # NNCF logs tables to stdout and draws a progress bar there; stdout carries our results
+            chatty = logging.getLogger("nncf")
+            level = chatty.level
+            chatty.setLevel(logging.WARNING)
+            try:
+                with contextlib.redirect_stdout(sys.stderr):
+                    model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+            finally:
+                chatty.setLevel(level)
         log.info("converted the %s tower in %.1f s", tower, time.perf_counter() - start)
         return model
 
