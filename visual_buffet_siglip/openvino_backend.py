@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .fileio import write_atomic
-from .textcache import _locked, key_digest, weights_digest
+from .textcache import _locked, key_digest, library_versions, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -243,15 +243,14 @@ class ModelCache:
 # --- running -----------------------------------------------------------------------------------
 
 def versions() -> dict[str, str]:
-    """Versions of the libraries that shape a converted graph."""
+    """Versions of the libraries that shape a converted graph: the label cache's, OpenVINO's and NNCF's."""
     from importlib import metadata
 
-    out = {}
-    for name in ("openvino", "nncf", "torch", "transformers"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "-"
+    import openvino
+
+    out = {**library_versions(), "openvino": openvino.__version__, "nncf": "-"}
+    with contextlib.suppress(metadata.PackageNotFoundError):
+        out["nncf"] = metadata.version("nncf")
     return out
 
 
