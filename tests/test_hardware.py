@@ -344,7 +344,7 @@ def test_pascal_float16_warns():
 
 def test_plan_has_a_reason_per_choice_and_is_hashable():
     p = run(H100_FA)
-    assert set(p.reasons) == {"device", "dtype", "attention", "quantization", "batch_size"}
+    assert set(p.reasons) == {"device", "backend", "dtype", "attention", "quantization", "batch_size"}
     assert all(p.reasons[k] and p.reason(k) == p.reasons[k] for k in p.reasons)
     assert hash(p) == hash(run(H100_FA)) and p == run(H100_FA)
     assert p.to_dict()["reasons"]["dtype"] == p.reasons["dtype"]

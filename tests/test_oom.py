@@ -14,7 +14,7 @@ from visual_buffet_siglip.engine import SiglipTagger
 def test_out_of_memory_halves_the_batch_and_keeps_every_image(checkpoints, images, caplog):
     images = list(images) * 3  # 12 images
     reference = SiglipTagger(make_settings(checkpoints["siglip"], batch_size=1)).embed_images(images)
-    tagger = SiglipTagger(make_settings(checkpoints["siglip"], batch_size=8))
+    tagger = SiglipTagger(make_settings(checkpoints["siglip"], batch_size=8, backend="torch"))  # CUDA-style OOM
     model = tagger.loaded.model
     real = model.get_image_features
     seen: list[int] = []

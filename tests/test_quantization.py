@@ -34,7 +34,7 @@ def test_quantized_confidences_stay_close(small_checkpoints, images, family, qua
     import bitsandbytes as bnb
 
     exact = SiglipTagger(make_settings(small_checkpoints[family]))
-    quant = SiglipTagger(make_settings(small_checkpoints[family], quantization=quantization))
+    quant = SiglipTagger(make_settings(small_checkpoints[family], quantization=quantization, backend="torch"))
     model = quant.loaded.model
     layer = bnb.nn.Linear8bitLt if quantization == "8bit" else bnb.nn.Linear4bit
     assert sum(isinstance(m, layer) for m in model.modules()) >= 8  # really quantized

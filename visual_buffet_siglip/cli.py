@@ -121,9 +121,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 _OVERRIDES = (("model", "model"), ("confidence_threshold", "threshold"), ("max_tags", "max_tags"),
               ("labels_file", "labels_file"), ("batch_size", "batch_size"), ("device", "device"),
-              ("dtype", "dtype"), ("attention", "attention"), ("quantization", "quantization"),
-              ("decode", "decode"), ("max_num_patches", "max_num_patches"), ("text_cache", "text_cache"),
-              ("xmp_max_keywords", "xmp_max_keywords"))
+              ("backend", "backend"), ("dtype", "dtype"), ("attention", "attention"),
+              ("quantization", "quantization"), ("decode", "decode"), ("max_num_patches", "max_num_patches"),
+              ("text_cache", "text_cache"), ("xmp_max_keywords", "xmp_max_keywords"))
 
 
 def _add_settings_args(parser: argparse.ArgumentParser) -> None:
@@ -135,6 +135,7 @@ def _add_settings_args(parser: argparse.ArgumentParser) -> None:
                         "label<TAB>threshold|off<TAB>Keyword|Path; replaces the built-in vocabulary")
     parser.add_argument("--batch-size", type=_batch_size, help="'auto' or 1..1024")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
+    parser.add_argument("--backend", help="auto, torch, openvino (CPU; the `openvino` extra)")
     parser.add_argument("--dtype", help="auto, float16, bfloat16, float32")
     parser.add_argument("--attention", help="auto, sdpa, flash_attention_2, eager")
     parser.add_argument("--quantization", help="none, 8bit, 4bit")

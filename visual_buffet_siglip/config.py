@@ -36,6 +36,7 @@ ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DECODES = ("fast", "exact")
+BACKENDS = ("auto", "torch", "openvino")
 
 
 class ConfigError(ValueError):
@@ -59,6 +60,7 @@ class Settings:
     dtype: str = "auto"
     quantization: str = "none"
     device: str = "auto"
+    backend: str = "auto"
     confidence_threshold: float = 0.01
     max_tags: int = 50
     max_num_patches: int = 256
@@ -115,8 +117,8 @@ class Settings:
 
 
 _LABEL_KEYS = {"labels", "labels_file"}
-MODEL_KEYS = ("model", "batch_size", "attention", "dtype", "quantization", "device", "max_num_patches",
-              "decode", "text_cache", "cache_dir")
+MODEL_KEYS = ("model", "batch_size", "attention", "dtype", "quantization", "device", "backend",
+              "max_num_patches", "decode", "text_cache", "cache_dir")
 
 
 def settings_from_host_config(config: Mapping[str, Any] | None,
@@ -310,6 +312,7 @@ _CHECKS = {
     "dtype": lambda k, v: _check_choice(k, v, DTYPES),
     "quantization": lambda k, v: _check_choice(k, v, QUANTIZATIONS),
     "device": _check_device,
+    "backend": lambda k, v: _check_choice(k, v, BACKENDS),
     "confidence_threshold": _check_threshold,
     "max_tags": lambda k, v: _check_int(k, v, 1, None),
     "max_num_patches": lambda k, v: _check_int(k, v, 64, 1024),

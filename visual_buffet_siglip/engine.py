@@ -42,6 +42,7 @@ from .hardware import HardwareProfile, Plan, cpu_cores, detect
 from .hardware import plan as make_plan
 from .images import ImageError, ImageSource, describe, load_image
 from .models import LoadedModel, load, model_info
+from .pixels import fixed_normaliser
 from .residency import text_tower_on
 from .textcache import DiskLabelStore, LabelEmbeddingCache, cache_root, library_versions, weights_digest
 from .vocabulary import TagOptions, select
@@ -158,6 +159,8 @@ class SiglipTagger:
         self._batch_size: int | None = None
         self._policy: DecodePolicy | None = None
         self._resize: tuple[tuple[int, int], int] | None = None
+        self._openvino: Any = None  # openvino_backend.OpenVINOTowers when the plan's backend is OpenVINO
+        self._normalise: Any = None  # pixels.fixed_normaliser: the processor's arithmetic, without its overhead
 
     # --- model -----------------------------------------------------------------------------
     @property
@@ -177,6 +180,11 @@ class SiglipTagger:
                     loaded = load(self.settings.model, chosen)
                     self._batch_size = chosen.batch_size
                     self._resize = _fixed_resize(loaded)
+                    self._normalise = fixed_normaliser(loaded.processor) if self._resize else None
+                    if chosen.backend == "openvino":
+                        from .openvino_backend import OpenVINOTowers
+
+                        self._openvino = OpenVINOTowers(loaded, cache_root(self.settings.cache_dir))
                     self._loaded = loaded
         return self._loaded
 
@@ -229,6 +237,7 @@ class SiglipTagger:
             "model": loaded.fingerprint,
             "weights": weights_digest(loaded.source),
             "template": TEMPLATE, "lowercase": True, "padding": "max_length", "max_length": MAX_LENGTH,
+            "backend": plan.backend,
             "dtype": plan.dtype, "quantization": plan.quantization, "attention": plan.attention,
             "device": torch.device(plan.text_device).type,  # where the text tower encodes
             **library_versions(),
@@ -281,7 +290,7 @@ class SiglipTagger:
             inputs = {k: v.to(self.plan.text_device) for k, v in tokens.items()
                       if k in ("input_ids", "attention_mask", "position_ids")}
             with self._model_lock, torch.inference_mode():
-                features = _pooled(loaded.model.get_text_features(**inputs))
+                features = self._features("text", inputs)
             vectors = _normalise(features)
             out.update(zip(chunk, vectors))
         return out
@@ -298,6 +307,8 @@ class SiglipTagger:
             if self._resize is not None and image.size != self._resize[0]:
                 # what the processor's own (PIL) resize does, without its two full-size array copies
                 image = image.resize(*self._resize)
+            if self._normalise is not None and image.mode == "RGB":
+                return _Prepared(index, source, {"pixel_values": self._normalise(image)}, None, _ms(start))
             kwargs: dict[str, Any] = {"return_tensors": "pt"}
             if self.loaded.info.family == "naflex":
                 kwargs["max_num_patches"] = self.settings.max_num_patches
@@ -393,8 +404,15 @@ class SiglipTagger:
             tensor = torch.cat([item_inputs[key] for item_inputs in batch]).to(self._device)
             inputs[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         with self._model_lock, torch.inference_mode():
-            features = _pooled(loaded.model.get_image_features(**inputs))
+            features = self._features("vision", inputs)
         return _normalise(features)
+
+    def _features(self, tower: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled features of one tower, from the plan's backend."""
+        if self._openvino is not None:
+            return self._openvino.features(tower, inputs)
+        model = self.loaded.model
+        return _pooled((model.get_image_features if tower == "vision" else model.get_text_features)(**inputs))
 
     def embed_images(self, images: Iterable[ImageSource]) -> np.ndarray:
         """[n, d] L2-normalised float32 image embeddings; rows of images that failed are NaN.

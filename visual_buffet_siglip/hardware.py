@@ -87,6 +87,8 @@ class HardwareProfile:
     flash_attn: str | None = None  # installed flash-attn version
     bitsandbytes: str | None = None  # installed bitsandbytes version
     torch_version: str = ""
+    openvino: str | None = None  # installed openvino version (the `openvino` extra)
+    nncf: str | None = None  # installed nncf version (OpenVINO int8 weight compression)
     simulated: bool = False
 
 
@@ -127,7 +129,7 @@ class Reasons(Mapping[str, str]):
         return f"Reasons({dict(self._items)!r})"
 
 
-PLAN_KEYS = ("device", "dtype", "attention", "quantization", "batch_size")
+PLAN_KEYS = ("device", "backend", "dtype", "attention", "quantization", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ class Plan:
     per_image_gb: float = 0.0  # estimated working set per image in a batch
     memory_budget_gb: float | None = None  # memory planned for batches (None: not estimated)
     text_device: str = "cpu"  # where labels missing from the cache are encoded (residency.text_tower_on)
+    backend: str = "torch"  # torch, openvino (see openvino_backend.choose_backend)
 
     def __post_init__(self) -> None:
         if not isinstance(self.reasons, Reasons):
@@ -157,7 +160,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (for `plan --json` and reports)."""
-        return {"device": self.device, "dtype": self.dtype, "attention": self.attention,
+        return {"device": self.device, "backend": self.backend, "dtype": self.dtype, "attention": self.attention,
                 "batch_size": self.batch_size, "quantization": self.quantization,
                 "reasons": dict(self.reasons), "warnings": list(self.warnings),
                 "weights_gb": round(self.weights_gb, 3), "per_image_gb": round(self.per_image_gb, 4),
@@ -172,14 +175,15 @@ def detect() -> HardwareProfile:
     cpu = _detect_cpu()
     flash = _dist_version("flash-attn", "flash_attn")
     bnb = _dist_version("bitsandbytes")
+    openvino = {"openvino": _dist_version("openvino"), "nncf": _dist_version("nncf")}
     try:
         import torch
     except Exception:  # no torch (or a broken one): plan for the CPU and say so
-        return HardwareProfile(cpu=cpu, flash_attn=flash, bitsandbytes=bnb)
+        return HardwareProfile(cpu=cpu, flash_attn=flash, bitsandbytes=bnb, **openvino)
     return HardwareProfile(cpu=cpu, cuda=_detect_cuda(torch), mps=_detect_mps(torch),
                            mps_memory_gb=_detect_mps_memory(torch, cpu),
                            flash_attn=flash, bitsandbytes=bnb,
-                           torch_version=str(getattr(torch, "__version__", "")))
+                           torch_version=str(getattr(torch, "__version__", "")), **openvino)
 
 
 def _dist_version(*names: str) -> str | None:
@@ -344,8 +348,16 @@ def plan(profile: HardwareProfile, settings: Settings, model: ModelInfo) -> Plan
     warnings: list[str] = []
     device, gpu = _choose_device(profile, settings.device, reasons)
     problems: list[str] = []
+    backend = _choose_backend(profile, settings, model, device, reasons, problems)
     dtype = _choose_dtype(profile, settings.dtype, device, gpu, reasons, warnings, problems)
-    quant = _choose_quantization(profile, settings.quantization, device, reasons, warnings, problems)
+    if backend == "openvino":
+        from .openvino_backend import dtype_note, quantization_reason
+
+        quant = settings.quantization
+        reasons["quantization"] = quantization_reason(quant, profile.nncf, profile.cpu.features)
+        reasons["dtype"] += dtype_note(dtype, _has_bf16_cpu(profile.cpu))
+    else:
+        quant = _choose_quantization(profile, settings.quantization, device, reasons, warnings, problems)
     attention = _choose_attention(profile, settings.attention, model, device, gpu, dtype,
                                   reasons, warnings, problems)
     if quant == "4bit" and device == "cpu":
@@ -394,7 +406,20 @@ def plan(profile: HardwareProfile, settings: Settings, model: ModelInfo) -> Plan
     return Plan(device=device, dtype=dtype, attention=attention, batch_size=batch,
                 quantization=quant, reasons={k: reasons[k] for k in PLAN_KEYS},
                 warnings=tuple(warnings), weights_gb=weights, per_image_gb=per_image,
-                memory_budget_gb=budget, text_device=text_device)
+                memory_budget_gb=budget, text_device=text_device, backend=backend)
+
+
+def _choose_backend(profile: HardwareProfile, settings: Settings, model: ModelInfo, device: str,
+                    reasons: dict[str, str], problems: list[str]) -> str:
+    from .openvino_backend import choose_backend  # no openvino import: only its version is read
+
+    choice = choose_backend(
+        settings.backend, model.family, device, settings.dtype, settings.quantization,
+        profile.openvino, profile.nncf, model.params_m)
+    if choice.problem:
+        problems.append(choice.problem)
+    reasons["backend"] = choice.reason
+    return choice.backend
 
 
 def _gpu_label(gpu: CudaDevice) -> str:
@@ -900,7 +925,7 @@ def format_plan(profile: HardwareProfile, plan: Plan, model: ModelInfo) -> str:
     shape = (f"{model.image_size} px" if model.image_size else "NaFlex") + f", patch {model.patch_size}"
     lines.append("")
     lines.append(f"Plan for {model.id} ({model.size}, {shape}, {model.params_m}M parameters)")
-    values = {"device": plan.device, "dtype": plan.dtype, "attention": plan.attention,
+    values = {"device": plan.device, "backend": plan.backend, "dtype": plan.dtype, "attention": plan.attention,
               "quantization": plan.quantization, "batch_size": str(plan.batch_size)}
     for key in PLAN_KEYS:
         head = f"  {key:<13} {values[key]:<18} "

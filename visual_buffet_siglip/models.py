@@ -343,9 +343,11 @@ def _from_pretrained(name: str, source: Path, config: dict[str, Any], plan: Plan
 
     kwargs: dict[str, Any] = {
         "use_safetensors": True, "trust_remote_code": False, "local_files_only": True,
-        "dtype": getattr(torch, plan.dtype), "attn_implementation": plan.attention,
+        # OpenVINO converts from float32 weights and applies dtype / quantization itself
+        "dtype": getattr(torch, plan.dtype if plan.backend == "torch" else "float32"),
+        "attn_implementation": plan.attention,
     }
-    if plan.quantization != "none":
+    if plan.quantization != "none" and plan.backend == "torch":
         from .quantization import quantization_config
 
         kwargs["quantization_config"] = quantization_config(plan)

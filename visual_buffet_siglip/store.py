@@ -34,7 +34,7 @@ import struct
 import time
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -76,6 +76,12 @@ class StoreIdentity:
     max_num_patches: int | None
     dtype: str
     quantization: str
+    backend: str = "torch"  # stores written before the OpenVINO backend came from PyTorch
+
+    @property
+    def exact(self) -> bool:
+        """float32 and full weights: both backends then give the same embeddings (within 1e-6)."""
+        return self.dtype == "float32" and self.quantization == "none"
 
     @classmethod
     def of(cls, tagger: SiglipTagger) -> StoreIdentity:
@@ -84,16 +90,16 @@ class StoreIdentity:
         return cls(model=settings.model, revision=loaded.fingerprint, dim=_embed_dim(loaded.model),
                    decode=settings.decode,
                    max_num_patches=settings.max_num_patches if loaded.info.family == "naflex" else None,
-                   dtype=loaded.plan.dtype, quantization=loaded.plan.quantization)
+                   dtype=loaded.plan.dtype, quantization=loaded.plan.quantization, backend=loaded.plan.backend)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StoreIdentity:
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data or f.default is MISSING})
 
 
 # Flags that set each identity field, for messages that say how to match a store.
 _FLAGS = {"decode": "--decode", "max_num_patches": "--max-num-patches", "dtype": "--dtype",
-          "quantization": "--quantization"}
+          "quantization": "--quantization", "backend": "--backend"}
 
 
 @dataclass
@@ -438,7 +444,8 @@ def check_compatible(store: EmbeddingStore, tagger: SiglipTagger) -> None:
     current = StoreIdentity.of(tagger)
     problems = [f"{name} {getattr(stored, name)!r} (this run: {getattr(current, name)!r}; "
                 f"pass {_FLAGS[name]} {getattr(stored, name)})"
-                for name in _FLAGS if getattr(stored, name) != getattr(current, name)]
+                for name in _FLAGS if getattr(stored, name) != getattr(current, name)
+                and not (name == "backend" and stored.exact and current.exact)]
     if problems:
         raise StoreError(f"embedding store {str(store.path)!r} was made with " + ", ".join(problems)
                          + "; these settings change the embeddings, so results would not equal a fresh run")
