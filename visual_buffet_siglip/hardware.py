@@ -175,15 +175,15 @@ def detect() -> HardwareProfile:
     cpu = _detect_cpu()
     flash = _dist_version("flash-attn", "flash_attn")
     bnb = _dist_version("bitsandbytes")
-    openvino = {"openvino": _dist_version("openvino"), "nncf": _dist_version("nncf")}
+    openvino, nncf = _dist_version("openvino"), _dist_version("nncf")
     try:
         import torch
     except Exception:  # no torch (or a broken one): plan for the CPU and say so
-        return HardwareProfile(cpu=cpu, flash_attn=flash, bitsandbytes=bnb, **openvino)
+        return HardwareProfile(cpu=cpu, flash_attn=flash, bitsandbytes=bnb, openvino=openvino, nncf=nncf)
     return HardwareProfile(cpu=cpu, cuda=_detect_cuda(torch), mps=_detect_mps(torch),
                            mps_memory_gb=_detect_mps_memory(torch, cpu),
                            flash_attn=flash, bitsandbytes=bnb,
-                           torch_version=str(getattr(torch, "__version__", "")), **openvino)
+                           torch_version=str(getattr(torch, "__version__", "")), openvino=openvino, nncf=nncf)
 
 
 def _dist_version(*names: str) -> str | None:

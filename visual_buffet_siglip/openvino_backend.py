@@ -34,13 +34,14 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .fileio import write_atomic
-from .textcache import _locked, key_digest, library_versions, weights_digest
+from .locks import locked
+from .textcache import key_digest, library_versions, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ class ModelCache:
             held = contextlib.ExitStack()
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
-                held.enter_context(_locked(entry.with_suffix(".lock")))
+                held.enter_context(locked(entry.with_suffix(".lock")))
             except OSError as exc:
                 log.warning("OpenVINO model cache %s is not writable (%s); converting in memory for this "
                             "run (set cache_dir or VISUAL_BUFFET_SIGLIP_CACHE to a writable folder)",
@@ -377,7 +378,7 @@ def _example_inputs(loaded: Any, tower: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _quiet_tracing():  # type: ignore[no-untyped-def]
+def _quiet_tracing() -> Iterator[None]:
     """torch.jit's tracer warnings say nothing a user can act on."""
     import warnings
 
