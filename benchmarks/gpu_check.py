@@ -187,7 +187,8 @@ def settings(model: Path, device: str, **overrides: Any) -> Any:
     from visual_buffet_siglip.config import Settings
 
     values = {"model": str(model), "labels": LABELS, "confidence_threshold": 0.0, "max_tags": 1000,
-              "device": device, "dtype": "float32", "text_cache": False, **overrides}
+              "device": device, "dtype": "float32", "text_cache": False,
+              "backend": "torch", **overrides}  # PyTorch's paths are what this checks, on CPU too
     return Settings.from_mapping(values)
 
 

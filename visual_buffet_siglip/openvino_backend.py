@@ -43,13 +43,19 @@ from .fileio import write_atomic
 from .locks import locked
 from .textcache import key_digest, library_versions, weights_digest
 
+__all__ = ["BACKENDS", "SUPPORTED_FAMILIES", "BackendChoice", "CacheEntryError", "ModelCache", "OpenVINOTowers",
+           "choose_backend", "compile_config", "dtype_note", "quantization_reason", "unsupported", "versions"]
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "openvino")
 SUBDIR = "openvino"
 FORMAT = "1"
-# Families whose conversion tests/test_openvino.py checks against the transformers reference.
-SUPPORTED_FAMILIES = ("siglip", "siglip2", "naflex")
+# Families whose conversion tests/test_openvino.py checks against the transformers reference. NaFlex is
+# not one: its graph matched at 64-256 patches but was 1.3e-3 off at max_num_patches = 1024 (benchmarks/
+# gpu_check.py --device cpu), where the position-embedding grid is upsampled and the traced example was
+# downsampled. Until a conversion is exact at every patch count, NaFlex runs on PyTorch.
+SUPPORTED_FAMILIES = ("siglip", "siglip2")
 DTYPE_HINTS = {"float32": "f32", "bfloat16": "bf16"}
 # Measured on this project's 2-core CI machine, base shape, float32 (benchmarks/RESULTS.md).
 TORCH_F32_COST = "PyTorch float32 runs the vision tower ~1.2-1.3x slower with the same scores"

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+__all__ = ["fixed_normaliser"]
+
 
 def fixed_normaliser(processor: Any) -> Callable[[Any], Any] | None:
     """RGB PIL image of the model's size -> [1, 3, H, W] float32 torch tensor; None if unsure for this processor.
