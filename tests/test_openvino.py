@@ -76,7 +76,7 @@ def test_naflex_runs_on_pytorch_with_the_reason(checkpoints):
     assert tagger.plan.backend == "torch"
     assert "'naflex'" in tagger.plan.reason("backend")
     with pytest.raises(ConfigError, match="'naflex'"):
-        SiglipTagger(ov_settings(checkpoint)).plan
+        _ = SiglipTagger(ov_settings(checkpoint)).plan
 
 
 def test_second_tagger_loads_the_cache_without_converting(checkpoints, images, ov_cache, monkeypatch):
