@@ -20,6 +20,22 @@ LABELS = ["dog", "Cat", "golden retriever", "BEACH", "mountain", "red car", "blu
           "bird", "boat", "snow", "river", "Bridge", "portrait", "Macro", "wedding"]
 
 
+@pytest.fixture(autouse=True)
+def _logging_as_found():
+    """cli.main() sets our logger up for a command line (level, stderr handler); the next test starts clean."""
+    import logging
+
+    from visual_buffet_siglip import cli
+
+    ours, root = logging.getLogger("visual_buffet_siglip"), logging.getLogger()
+    levels = ours.level, root.level
+    yield
+    ours.removeHandler(cli._handler)
+    root.removeHandler(cli._handler)
+    ours.setLevel(levels[0])
+    root.setLevel(levels[1])
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """Label-embedding caches go to a temp folder, never the user's cache directory."""
@@ -110,6 +126,7 @@ def make_settings(checkpoint: Path, **overrides):
     from visual_buffet_siglip import Settings
 
     values = {"model": str(checkpoint), "labels": LABELS, "confidence_threshold": 0.0, "max_tags": 1000,
-              "device": "cpu", "dtype": "float32", "text_cache": False}
+              "device": "cpu", "dtype": "float32", "text_cache": False,
+              "backend": "torch"}  # PyTorch's paths; tests/test_openvino.py asks for OpenVINO itself
     values.update(overrides)
     return Settings.from_mapping(values)

@@ -72,7 +72,7 @@ def test_float32_embeddings_equal_pytorch(checkpoints, family, odd_images):
 def test_naflex_runs_on_pytorch_with_the_reason(checkpoints):
     """NaFlex's converted graph was not exact at every patch count: auto keeps PyTorch, explicit is refused."""
     checkpoint = checkpoints["naflex"]
-    tagger = SiglipTagger(make_settings(checkpoint))
+    tagger = SiglipTagger(make_settings(checkpoint, backend="auto"))
     assert tagger.plan.backend == "torch"
     assert "'naflex'" in tagger.plan.reason("backend")
     with pytest.raises(ConfigError, match="'naflex'"):

@@ -627,8 +627,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    finally:
-        reset_logging()
 
 
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what the shell reports for `yes | head -1`'s `yes`
@@ -663,7 +661,7 @@ class _StderrHandler(logging.Handler):
 
 _handler = _StderrHandler()
 _handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-_saved_levels: list[tuple[int, int]] = []  # (root, ours) levels before configure_logging changed them
+_root_level: list[int] = []  # the root logger's level before -v changed it
 
 
 def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
@@ -674,26 +672,18 @@ def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
     at INFO (libraries' DEBUG floods, e.g. a line per PNG chunk), with our package at DEBUG.
     Safe to call again (each call replaces the previous setup).
     """
-    reset_logging()
     ours, root = logging.getLogger(PACKAGE_LOGGER), logging.getLogger()
-    _saved_levels.append((root.level, ours.level))
+    ours.removeHandler(_handler)
+    root.removeHandler(_handler)
+    if _root_level:
+        root.setLevel(_root_level.pop())
     ours.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO)
     if verbose:
+        _root_level.append(root.level)
         root.setLevel(logging.INFO)
         root.addHandler(_handler)  # ours propagate to it: one handler, each line printed once
     else:
         ours.addHandler(_handler)
-
-
-def reset_logging() -> None:
-    """Undo configure_logging: main() may run inside another program (or a test), which keeps its own setup."""
-    ours, root = logging.getLogger(PACKAGE_LOGGER), logging.getLogger()
-    ours.removeHandler(_handler)
-    root.removeHandler(_handler)
-    if _saved_levels:
-        root_level, ours_level = _saved_levels.pop()
-        root.setLevel(root_level)
-        ours.setLevel(ours_level)
 
 
 def _quiet_libraries(hub_progress: bool = False) -> None:
