@@ -27,16 +27,14 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-sys.path.insert(0, str(HERE.parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import numpy as np  # noqa: E402
-import synthetic_shapes as shapes  # noqa: E402
-
-from bench_tagging import WORK, write_section  # noqa: E402
+import numpy as np
+import synthetic_shapes as shapes
+from bench_tagging import (  # also: the repository on sys.path, the hub offline
+    WORK,
+    write_section,
+)
 
 HEADING = "## Precision and decode shortcuts on a trained model (issue 16)"
 CHECKPOINT = HERE.parent / "tests" / "data" / "tiny-siglip-shapes"
@@ -111,15 +109,15 @@ def table(rows: dict[str, dict[str, float]], n: int, load: tuple[float, ...]) ->
 
     side = AutoConfig.from_pretrained(CHECKPOINT).vision_config.image_size
     lines = [HEADING, "",
-             f"`python benchmarks/bench_quality.py`: the SigLIP trained here (tests/data/tiny-siglip-shapes, "
+             (f"`python benchmarks/bench_quality.py`: the SigLIP trained here (tests/data/tiny-siglip-shapes, "
              f"{side} px input) on {n} unseen {SIZE[0]}x{SIZE[1]} JPEGs of all {len(shapes.ALL)} captions "
              f"({len(shapes.HELD_OUT)} of them combinations training never showed: the held-out column), "
              "through `SiglipTagger` on the CPU, against float32 with "
              f'`decode = "exact"`. Max change: the largest confidence difference among tags >= {THRESHOLD} in '
              f"either run. Time: seconds per image on 2 cores (load average {load[0]:.1f}); decoding dominates "
-             "with a model this small, so it measures decode shortcuts, not precisions.", "",
-             "| variant | top-1 | top-3 | top-1, held-out | top tag changed | top-3 set changed | max change "
-             "| time / image |",
+             "with a model this small, so it measures decode shortcuts, not precisions."), "",
+             ("| variant | top-1 | top-3 | top-1, held-out | top tag changed | top-3 set changed | max change "
+             "| time / image |"),
              "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['top1']:.1%} | {r['top3']:.1%} | {r['held_top1']:.1%} | {r['top1_changed']:.1%} | "

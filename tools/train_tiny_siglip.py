@@ -32,14 +32,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import synthetic_shapes as shapes
+import torch
+import torch.nn.functional as F
+from checkpoints import _sentencepiece_tokenizer
 
-import synthetic_shapes as shapes  # noqa: E402
-from checkpoints import _sentencepiece_tokenizer  # noqa: E402
-from visual_buffet_siglip.config import MAX_LENGTH  # noqa: E402
-from visual_buffet_siglip.engine import prompt_for  # noqa: E402
+from visual_buffet_siglip.config import MAX_LENGTH
+from visual_buffet_siglip.engine import prompt_for
 
 OUT = ROOT / "tests" / "data" / "tiny-siglip-shapes"
 PATCH = 8
@@ -49,13 +48,15 @@ EVAL_SEED_OFFSET = 1_000_003  # evaluation pictures never come from the training
 def build(folder: Path, width: int, layers: int, image_size: int):
     """A fresh SiglipModel and its processor, tokenizer trained on the training captions' words."""
     from transformers import SiglipConfig, SiglipModel, SiglipProcessor
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    from transformers.models.siglip.image_processing_pil_siglip import (
+        SiglipImageProcessorPil,
+    )
 
     corpus = [prompt_for(combo.label) for combo in shapes.TRAIN] * 4
     tokenizer = _sentencepiece_tokenizer(folder, corpus)
-    special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                   bos_token_id=tokenizer.bos_token_id)
-    tower = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=4)
+    special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+                   "bos_token_id": tokenizer.bos_token_id}
+    tower = {"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": layers, "num_attention_heads": 4}
     text = dict(tower, vocab_size=len(tokenizer), max_position_embeddings=MAX_LENGTH, **special)
     vision = dict(tower, image_size=image_size, patch_size=PATCH)
     model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
@@ -150,6 +151,7 @@ def train(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(out)
     processor.save_pretrained(out)
+    (out / "labels.txt").write_text("\n".join(shapes.LABELS) + "\n", encoding="utf-8")  # for --labels-file
     summary = {"seed": args.seed, "steps": args.steps, "batch": args.batch, "train_seconds": round(seconds, 1),
                "cpu_seconds": round(cpu_seconds, 1),
                "threads": args.threads, "load_average": [round(x, 2) for x in os.getloadavg()],
