@@ -1,11 +1,11 @@
 """Train a small SigLIP on synthetic shapes, so tests can check that tagging keeps the right tags.
 
-    PYTHONPATH=. python tools/train_tiny_siglip.py     # ~10 minutes of one idle core; 25 on a loaded machine
+    PYTHONPATH=. python tools/train_tiny_siglip.py     # ~7 minutes of one idle core; 15 on a loaded machine
 
 The defaults made tests/data/tiny-siglip-shapes (seed 0, 1 torch thread, torch 2.13 CPU).
 
-A real `SiglipModel` (both towers 64 wide, a multiple of 64 as 4-bit CPU kernels need)
-learns from pictures drawn on the fly by tests/synthetic_shapes.py, with
+A real `SiglipModel` (both towers 64 wide, a multiple of 64 as 4-bit CPU kernels need;
+64 px input in 8 px patches) learns from pictures drawn on the fly by tests/synthetic_shapes.py, with
 captions in exactly the prompt the tagger sends ("this is a photo of two red
 circles.", lowercased, padded to 64 tokens) and the pairwise sigmoid loss of the
 SigLIP paper (Zhai et al. 2023): every image in a batch against every distinct
@@ -142,7 +142,7 @@ def train(args: argparse.Namespace) -> dict:
         schedule.step()
         if step % args.eval_every == 0 or step == args.steps:
             row = {"step": step, "loss": round(loss.item(), 4), "seconds": round(time.perf_counter() - start, 1),
-                   "t": round(float(model.logit_scale.exp()), 2), "b": round(float(model.logit_bias), 2)}
+                   "t": round(model.logit_scale.exp().item(), 2), "b": round(model.logit_bias.item(), 2)}
             for name, items in evaluation.items():
                 result = accuracy(model, processor, [p for p, _ in items], [c for _, c in items])
                 row.update({f"{name}_{k}": round(v, 4) for k, v in result.items()})
@@ -166,10 +166,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(OUT), help="checkpoint folder (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=2200)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--width", type=int, default=64, help="both towers' hidden size (a multiple of 64 for 4-bit)")
     parser.add_argument("--layers", type=int, default=2, help="layers per tower")
-    parser.add_argument("--image-size", type=int, default=48, help="input side in pixels (patches of 8)")
+    parser.add_argument("--image-size", type=int, default=64, help="input side in pixels (patches of 8)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--scalar-lr", type=float, default=10.0, help="learning rate of t and b, times --lr")
