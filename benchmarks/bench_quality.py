@@ -20,6 +20,7 @@ benchmarks/RESULTS.md and prints it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -55,8 +56,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def pictures(per_combo: int) -> tuple[list[Path], list[shapes.Combo]]:
-    """JPEGs (quality 90) of every combination, the held-out ones included, made once and reused."""
-    folder = WORK / f"shapes-{SIZE[0]}x{SIZE[1]}-{SEED}-{per_combo}"
+    """JPEGs (quality 90) of every combination, the held-out ones included, made once per generator version."""
+    generator = hashlib.sha256(Path(shapes.__file__).read_bytes()).hexdigest()[:12]
+    folder = WORK / f"shapes-{SIZE[0]}x{SIZE[1]}-{SEED}-{per_combo}-{generator}"
     folder.mkdir(parents=True, exist_ok=True)
     paths, combos = [], []
     for i, (picture, combo) in enumerate(shapes.take(SEED, per_combo * len(shapes.ALL), shapes.ALL, SIZE)):
