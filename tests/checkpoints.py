@@ -34,13 +34,14 @@ def _corpus() -> list[str]:
     return [" ".join(_WORDS[i:] + _WORDS[:i]) + "." for i in range(n)] * 8
 
 
-def _sentencepiece_tokenizer(folder: Path):
+def _sentencepiece_tokenizer(folder: Path, sentences: list[str] | None = None):
+    """SiglipTokenizer from a unigram model trained on `sentences` (default: the test corpus)."""
     import sentencepiece as spm
     from transformers import SiglipTokenizer
 
     prefix = folder / "spm"
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()), model_prefix=str(prefix), vocab_size=120, model_type="unigram",
+        sentence_iterator=iter(sentences or _corpus()), model_prefix=str(prefix), vocab_size=120, model_type="unigram",
         hard_vocab_limit=False, bos_id=-1, eos_id=1, unk_id=2, pad_id=-1, minloglevel=2)
     return SiglipTokenizer(vocab_file=str(prefix) + ".model")
 

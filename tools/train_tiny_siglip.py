@@ -1,0 +1,184 @@
+"""Train a small SigLIP on synthetic shapes, so tests can check that tagging keeps the right tags.
+
+    PYTHONPATH=. python tools/train_tiny_siglip.py     # ~7 minutes of one idle core; 15 on a loaded machine
+
+The defaults made tests/data/tiny-siglip-shapes (seed 0, 1 torch thread, torch 2.13 CPU).
+
+A real `SiglipModel` (both towers 64 wide, a multiple of 64 as 4-bit CPU kernels need;
+64 px input in 8 px patches) learns from pictures drawn on the fly by tests/synthetic_shapes.py, with
+captions in exactly the prompt the tagger sends ("this is a photo of two red
+circles.", lowercased, padded to 64 tokens) and the pairwise sigmoid loss of the
+SigLIP paper (Zhai et al. 2023): every image in a batch against every distinct
+caption in it, positive where the caption is the image's own, with a learnable
+temperature t and bias b initialised to log 10 and -10. Images go through the
+checkpoint's own processor, so training sees what the tagger feeds the model.
+
+Nine attribute combinations are never shown (synthetic_shapes.HELD_OUT); the
+held-out accuracy printed at each evaluation is on new pictures of those, ranked
+against all 45 captions. Deterministic from --seed (same torch version and
+thread count). Saves model and processor with save_pretrained into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+import synthetic_shapes as shapes
+import torch
+import torch.nn.functional as F
+from checkpoints import _sentencepiece_tokenizer
+
+from visual_buffet_siglip.config import MAX_LENGTH
+from visual_buffet_siglip.engine import prompt_for
+
+OUT = ROOT / "tests" / "data" / "tiny-siglip-shapes"
+PATCH = 8
+EVAL_SEED_OFFSET = 1_000_003  # evaluation pictures never come from the training stream
+
+
+def build(folder: Path, width: int, layers: int, image_size: int):
+    """A fresh SiglipModel and its processor, tokenizer trained on the training captions' words."""
+    from transformers import SiglipConfig, SiglipModel, SiglipProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import (
+        SiglipImageProcessorPil,
+    )
+
+    corpus = [prompt_for(combo.label) for combo in shapes.TRAIN] * 4
+    tokenizer = _sentencepiece_tokenizer(folder, corpus)
+    special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+                   "bos_token_id": tokenizer.bos_token_id}
+    tower = {"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": layers, "num_attention_heads": 4}
+    text = dict(tower, vocab_size=len(tokenizer), max_position_embeddings=MAX_LENGTH, **special)
+    vision = dict(tower, image_size=image_size, patch_size=PATCH)
+    model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+    processor = SiglipProcessor(image_processor=SiglipImageProcessorPil(
+        size={"height": image_size, "width": image_size}), tokenizer=tokenizer)
+    with torch.no_grad():  # the paper's initialisation: t = log 10, b = -10
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-10.0)
+    for leftover in folder.glob("spm.*"):
+        leftover.unlink()
+    return model, processor
+
+
+def tokens(processor, labels: list[str]) -> torch.Tensor:
+    """input_ids exactly as the tagger builds them (prompt, lowercased, max_length padding)."""
+    return processor.tokenizer([prompt_for(label) for label in labels], padding="max_length",
+                               max_length=MAX_LENGTH, truncation=True, return_tensors="pt")["input_ids"]
+
+
+def embed(model, processor, pictures, labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels = processor(images=pictures, return_tensors="pt")["pixel_values"]
+    images = model.get_image_features(pixel_values=pixels).pooler_output
+    texts = model.get_text_features(input_ids=tokens(processor, labels)).pooler_output
+    return F.normalize(images, dim=-1), F.normalize(texts, dim=-1)
+
+
+def sigmoid_loss(model, images: torch.Tensor, texts: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """The SigLIP loss: -sum log sigmoid(z_ij (t x_i.y_j + b)) / |batch|, z = +1 on true pairs, else -1."""
+    logits = images @ texts.T * model.logit_scale.exp() + model.logit_bias
+    signs = positive.float() * 2 - 1
+    return -F.logsigmoid(signs * logits).sum() / images.shape[0]
+
+
+@torch.no_grad()
+def accuracy(model, processor, pictures, combos) -> dict[str, float]:
+    """Top-1 / top-3 of each picture's own caption among all captions, and its mean confidence."""
+    model.eval()
+    images, texts = embed(model, processor, pictures, list(shapes.LABELS))
+    scores = torch.sigmoid(images @ texts.T * model.logit_scale.exp() + model.logit_bias)
+    truth = torch.tensor([shapes.LABELS.index(c.label) for c in combos])
+    ranks = (scores > scores[torch.arange(len(truth)), truth][:, None]).sum(dim=1)
+    model.train()
+    return {"top1": float((ranks == 0).float().mean()), "top3": float((ranks < 3).float().mean()),
+            "true_conf": float(scores[torch.arange(len(truth)), truth].mean())}
+
+
+def train(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="siglip-shapes-"))
+    model, processor = build(work, args.width, args.layers, args.image_size)
+    model.train()
+    # t and b get their own, larger step: at the towers' rate a few thousand steps could barely move
+    # them from 10 and -10, and with t stuck near 10 negatives stop pushing once below b
+    scalars = [model.logit_scale, model.logit_bias]
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2 and all(p is not s for s in scalars)]
+    optimiser = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0},
+                                   {"params": scalars, "weight_decay": 0.0, "lr": args.lr * args.scalar_lr}],
+                                  lr=args.lr)
+    warmup = max(1, args.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(
+        (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, args.steps - warmup))))))
+    stream = shapes.sample(args.seed, shapes.TRAIN, size=None)
+    evaluation = {
+        "held_out": shapes.take(args.seed + EVAL_SEED_OFFSET, args.eval_images, shapes.HELD_OUT, size=None),
+        "seen": shapes.take(args.seed + 2 * EVAL_SEED_OFFSET, args.eval_images, shapes.TRAIN, size=None),
+    }
+    start, cpu_start, history = time.perf_counter(), time.process_time(), []
+    for step in range(1, args.steps + 1):
+        batch = [next(stream) for _ in range(args.batch)]
+        labels = sorted({combo.label for _, combo in batch})
+        positive = torch.tensor([[combo.label == label for label in labels] for _, combo in batch])
+        images, texts = embed(model, processor, [picture for picture, _ in batch], labels)
+        loss = sigmoid_loss(model, images, texts, positive)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        schedule.step()
+        if step % args.eval_every == 0 or step == args.steps:
+            row = {"step": step, "loss": round(loss.item(), 4), "seconds": round(time.perf_counter() - start, 1),
+                   "t": round(model.logit_scale.exp().item(), 2), "b": round(model.logit_bias.item(), 2)}
+            for name, items in evaluation.items():
+                result = accuracy(model, processor, [p for p, _ in items], [c for _, c in items])
+                row.update({f"{name}_{k}": round(v, 4) for k, v in result.items()})
+            history.append(row)
+            print(json.dumps(row), flush=True)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval().save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "labels.txt").write_text("\n".join(shapes.LABELS) + "\n", encoding="utf-8")  # for --labels-file
+    summary = {"seed": args.seed, "steps": args.steps, "batch": args.batch, "train_seconds": round(seconds, 1),
+               "cpu_seconds": round(cpu_seconds, 1),
+               "threads": args.threads, "load_average": [round(x, 2) for x in os.getloadavg()],
+               "torch": torch.__version__, "final": history[-1], "out": str(out)}
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(OUT), help="checkpoint folder (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--width", type=int, default=64, help="both towers' hidden size (a multiple of 64 for 4-bit)")
+    parser.add_argument("--layers", type=int, default=2, help="layers per tower")
+    parser.add_argument("--image-size", type=int, default=64, help="input side in pixels (patches of 8)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--scalar-lr", type=float, default=10.0, help="learning rate of t and b, times --lr")
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it; one is as fast as two on a busy machine)")
+    parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--eval-images", type=int, default=90)
+    return train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
