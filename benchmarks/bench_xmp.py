@@ -58,7 +58,8 @@ def _inside(folder: str) -> Iterator[None]:
 def _retag(config: Path, *extra: str) -> None:
     from visual_buffet_siglip.cli import main
 
-    code = main(["-q", "retag", "archive.emb", "--config", str(config), "--format", "jsonl", "-o", os.devnull,
+    # results to a file of ours (an -o device is refused), replaced by each run
+    code = main(["-q", "retag", "archive.emb", "--config", str(config), "--format", "jsonl", "-o", "results.jsonl",
                  *extra])
     assert code == 0, f"retag exited {code}"
 
