@@ -4,7 +4,7 @@ A tiny random SigLIP checkpoint and random stored embeddings stand in for a
 tagged archive (what is measured is the XMP side: keyword selection, parsing,
 merging and atomic writes, not the model); each "image" is an empty file, since
 `retag` never opens one and the XMP sink only checks it is there. Each step is
-one in-process `visual-buffet-siglip retag STORE --xmp -o /dev/null` call, as a
+one in-process `visual-buffet-siglip retag STORE --xmp -o results.jsonl` call, as a
 user runs it, including loading the model and reading the label cache, run
 twice back to back: with the tree merge alone (as before the fast path) and as
 shipped.
@@ -145,7 +145,7 @@ def main() -> None:
 {torch.__version__} (1-min load average {load:.1f} at the start); tiny random SigLIP, {args.images:,} random stored
 embeddings, the built-in vocabulary ({len(builtin_vocabulary()):,} labels with keyword paths), threshold
 {settings.confidence_threshold}, xmp_max_keywords {settings.xmp_max_keywords}; each step is a whole
-`retag ... -o /dev/null` run (model load and label cache included), run both ways back to back on
+`retag ... -o results.jsonl` run (model load and label cache included), run both ways back to back on
 two identical archives: "before", every sidecar through the tree merge (defusedxml + minidom, the
 only path before the fast path), and "now", sidecars holding only our record through the fast
 path; both wrote the same bytes (asserted). `retag` without XMP (the baseline): {plain_s:.1f} s.
