@@ -367,10 +367,12 @@ class ReportSink(Sink):
         self.explore = self.options.explore(min([REPORT_FLOOR, threshold, *own]),
                                             max_tags=max(1, len(self.options.labels)))
         self.records: list[dict] = []
+        self._text: Any = None  # the explored labels' embeddings, looked up at the first image
 
     def write(self, path: str, item: Any, record: Mapping) -> None:
-        text = self.tagger.embed_texts(self.explore.labels)
-        self.records.append({"path": path, **self.tagger.record(item, text, self.explore)})
+        if self._text is None:  # once per run, not per image: the labels do not change
+            self._text = self.tagger.embed_texts(self.explore.labels)
+        self.records.append({"path": path, **self.tagger.record(item, self._text, self.explore)})
 
     def close(self) -> None:
         if self.records:  # a run that failed before its first image keeps the previous report
