@@ -1,8 +1,8 @@
 """`Plan`: how to run one model on one machine, with a reason for every choice.
 
-A value type with no imports from the rest of the package, so the modules that
-act on a plan (`models`, `quantization`, `residency`, the engine) sit above it
-and `planner`, which makes one, sits beside them without a circle.
+`planner.plan` makes one; `models`, `quantization`, `residency` and the engine
+act on it. It imports nothing from the rest of the package, so all of them can
+import it without an import circle.
 """
 
 from __future__ import annotations

@@ -299,4 +299,4 @@ def _batch_size(setting: int | str, sizing: Sizing, device: str, notes: Notes) -
     return batch
 
 
-__all__ = ["plan", "Notes", "HALF"]
+__all__ = ["plan", "Notes"]

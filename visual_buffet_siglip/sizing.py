@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .config import ConfigError
 from .hardware import CudaDevice, HardwareProfile, metal_share
 from .memory import GIB, HEADROOM, MemoryEstimate, fits, min_memory_gb, predict, split_precision, weights_gb
-from .modelfacts import REGISTRY, SIZE_ORDER, ModelInfo, vision_tokens
+from .modelfacts import REGISTRY, SIZE_ORDER, ModelInfo
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -135,8 +135,7 @@ def _check_fit(profile: HardwareProfile, settings: Settings, model: ModelInfo, c
     if need <= free:
         return
     dtype, quant = split_precision(precision)
-    parts = predict(model, dtype, quant, 1, choice.attention, vision_tokens(model, patches),
-                    text_here=False).parts_gb()
+    parts = predict(model, dtype, quant, 1, choice.attention, choice.tokens, text_here=False).parts_gb()
     towers = "both towers" if quant != "none" else "the vision tower"
     problem = (f"model {model.id} needs ~{need:.1f} GB of free accelerator memory at {precision} "
                f"(~{parts['vision_weights'] + parts['resident_text_weights']:.2f} GB of weights for {towers}, "
