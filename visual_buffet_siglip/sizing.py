@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .config import ConfigError
 from .hardware import CudaDevice, HardwareProfile, metal_share
 from .memory import GIB, HEADROOM, MemoryEstimate, fits, min_memory_gb, predict, split_precision, weights_gb
-from .modelfacts import REGISTRY, SIZE_ORDER, ModelInfo
+from .modelfacts import REGISTRY, SIZE_ORDER, VISION_PARAMS_M, ModelInfo
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -79,7 +79,7 @@ def _size_on_cpu(profile: HardwareProfile, model: ModelInfo, choice: Choice) -> 
     cpu, per_image = profile.cpu, choice.per_image_gb
     weights = weights_gb(model, choice.precision)  # both towers in RAM
     base = min(16, max(8, 2 * cpu.cores))  # for a base model at 224 px (196 tokens)
-    cost = max(1.0, (model.vision_params_m * choice.tokens) / (93 * 196))
+    cost = max(1.0, (model.vision_params_m * choice.tokens) / (VISION_PARAMS_M["base"] * 196))
     by_compute = max(1, int(base / math.sqrt(cost)))
     budget = cpu.available_ram_gb * 0.5 - weights
     by_ram = max(1, int(budget / per_image)) if per_image > 0 else by_compute
