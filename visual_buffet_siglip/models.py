@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import ModelLoadError
 from .memory import TowerShape, vision_tower_params
 
 if TYPE_CHECKING:
@@ -31,10 +32,6 @@ SIGLIP_MODEL_TYPES = ("siglip", "siglip2")
 # concurrent from_pretrained calls have swapped weights between models).
 _LOAD_LOCK = threading.RLock()
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model")  # SigLIP 2 (Gemma), SigLIP v1
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be found or loaded; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
