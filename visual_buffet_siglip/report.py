@@ -289,7 +289,7 @@ def build_report(
 
 def _page(cards: Iterable[_Card], *, threshold: float, images_root: Path | None, title: str, thumb_px: int = 160,
           workers: int | None = None, vocabulary: Vocabulary | None, max_tags: int | None) -> str:
-    """`build_report` from cards."""
+    """`build_report` from cards; those of a `tag --report` run come from typed records, unchecked."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
     if not 0.0 <= threshold <= 1.0:
