@@ -19,6 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from .errors import ConfigError
+
 if TYPE_CHECKING:
     from .vocabulary import Vocabulary
 
@@ -37,16 +39,6 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DECODES = ("fast", "exact")
 BACKENDS = ("auto", "torch", "openvino")
-
-
-class ConfigError(ValueError):
-    """Invalid settings; `problems` lists every one found, each a full sentence."""
-
-    def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("; ".join(self.problems) if len(self.problems) < 2 else (
-            f"{len(self.problems)} problems in [plugins.{PLUGIN_NAME}]:\n  - "
-            + "\n  - ".join(self.problems)))
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from . import __version__
 from .config import KEYS, PLUGIN_NAME, ConfigError, Settings, normalize_labels, plugin_block, tomllib
 from .plugin import DESCRIPTION, HARDWARE, RECOMMENDED_THRESHOLD, tagger_for
 from .readahead import ImageReadAhead
+from .records import TagDict
 from .vocabulary import TagOptions
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,7 @@ class SiglipPlugin(PluginBase):
                                TagOptions.from_settings(settings), labels)
         if "error" in record:
             log.warning("siglip: %s", record["error"]["message"])
-            metadata["error"] = record["error"]
+            metadata["error"] = dict(record["error"])
         return self._result(record["tags"], settings.model, start, metadata)
 
     def _candidates(self, image_path: str | os.PathLike[str]) -> tuple[tuple[str, ...], dict[str, Any]]:
@@ -242,7 +243,7 @@ class SiglipPlugin(PluginBase):
         return normalize_labels(found), report
 
     @staticmethod
-    def _result(tags: list[dict[str, Any]], model: str, start: float, metadata: dict[str, Any]) -> TagResult:
+    def _result(tags: list[TagDict], model: str, start: float, metadata: dict[str, Any]) -> TagResult:
         return TagResult(tags=[Tag(label=t["label"], confidence=t["confidence"]) for t in tags], model=model,
                          version=__version__, inference_time_ms=round((time.perf_counter() - start) * 1000, 3),
                          metadata=metadata)
