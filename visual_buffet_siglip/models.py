@@ -56,7 +56,7 @@ class ModelInfo:
 
     @property
     def min_vram_gb_fp16(self) -> float:
-        """DESIGN section 5 minimums at half precision."""
+        """The smallest GPU memory (GB) that fits this size class at half precision (listed by `models`)."""
         return MIN_VRAM_GB_FP16[self.size]
 
 
