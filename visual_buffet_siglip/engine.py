@@ -497,7 +497,7 @@ class SiglipTagger:
         }
 
     def tag(self, images: Iterable[ImageSource], **kwargs: Any) -> list[Record]:
-        """One result record per image, in input order (see DESIGN section 3)."""
+        """One result record per image, in input order: tags, model, version and time, or `tags: []` and the error."""
         return [record for _, record in self.iter_tag(images, **kwargs)]
 
 

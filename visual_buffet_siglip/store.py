@@ -41,7 +41,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import StoreError
-from .fileio import create_with
+from .fileio import create_with, safetensors_metadata
 from .outputs import path_key
 from .records import ErrorDict, Record
 
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 FORMAT = "visual-buffet-siglip/embeddings"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-_LENGTH = struct.Struct("<Q")  # version 1's frame prefix; also the size field of a safetensors document
+_LENGTH = struct.Struct("<Q")  # version 1's frame prefix
 _PREFIX = struct.Struct("<QII")  # length, crc32(document), crc32(length + document crc)
 _MAX_HEADER = 1 << 20
 
@@ -391,15 +391,9 @@ def _parse_frame(start: int, document: bytes, dim: int) -> Chunk:
     from safetensors.numpy import load
 
     try:
-        return _chunk(start, load(document), _metadata(document), dim)
-    except (ValueError, KeyError, TypeError, IndexError, RecursionError, struct.error, SafetensorError) as exc:
+        return _chunk(start, load(document), safetensors_metadata(document), dim)
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError, SafetensorError) as exc:
         raise _Damage(str(exc) or type(exc).__name__) from None
-
-
-def _metadata(document: bytes) -> dict[str, str]:
-    """The `__metadata__` of a safetensors document (safetensors.numpy.load returns tensors only)."""
-    size = _LENGTH.unpack_from(document)[0]
-    return json.loads(document[_LENGTH.size:_LENGTH.size + size]).get("__metadata__") or {}
 
 
 def _chunk(start: int, tensors: dict[str, np.ndarray], metadata: dict[str, str], dim: int) -> Chunk:
@@ -450,7 +444,10 @@ def check_compatible(store: EmbeddingStore, tagger: SiglipTagger) -> None:
 
 
 def _revision_of(settings: Settings) -> str | None:
-    """The configured model's fingerprint without loading it; None when it is not available."""
+    """The configured model's fingerprint, from its files before the model loads; None when it is not available.
+
+    Finding the files may download an uncached hub model first (`resolve_source`).
+    """
     from .models import ModelLoadError, fingerprint, resolve_source
 
     try:
