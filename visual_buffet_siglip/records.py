@@ -1,6 +1,6 @@
 """The result record of one image, typed: what every output (jsonl, sidecars, Parquet, XMP, report) receives.
 
-The JSON shape is the output contract (DESIGN section 3), key order included:
+The JSON shape is the output contract the host and users parse, key order included:
 a tagged image is {"tags", "model", "version", "inference_time_ms"}, an image
 that failed is {"tags": [], "error": {"type", "message"}}; the CLI puts "path"
 first (`outputs.path_record`). Both records are `final`, so `"error" in record`
