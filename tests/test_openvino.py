@@ -44,7 +44,9 @@ def ov_settings(checkpoint: Path, **overrides):
     return make_settings(checkpoint, backend="openvino", **overrides)
 
 
-def test_float32_matches_reference(checkpoint, images):
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])  # NaFlex: test_naflex_exact_at_every_patch_count...
+def test_float32_matches_reference(checkpoints, family, images):
+    checkpoint = checkpoints[family]
     tagger = SiglipTagger(ov_settings(checkpoint))
     assert tagger.plan.backend == "openvino"
     ours = scores_from_tags(tagger.tag(images), LABELS_N)

@@ -275,21 +275,16 @@ class NaFlexPositions:
     def _grid(self, height: int, width: int, length: int) -> Any:
         import torch
 
-        with self._lock:
-            found = self._grids.get((height, width, length))
-        if found is not None:
-            return found
-        embeddings = self.embeddings
-        side = embeddings.position_embedding_size
-        with torch.no_grad():
-            found = embeddings.resize_positional_embeddings(
-                embeddings.position_embedding.weight.reshape(side, side, -1), torch.tensor([[height, width]]),
-                max_length=length)
-        with self._lock:
-            if len(self._grids) >= self.LIMIT:
-                self._grids.pop(next(iter(self._grids)))
-            self._grids[height, width, length] = found
-        return found
+        key = (height, width, length)
+        with self._lock, torch.no_grad():
+            if key not in self._grids:
+                if len(self._grids) >= self.LIMIT:
+                    del self._grids[next(iter(self._grids))]  # the oldest
+                side = self.embeddings.position_embedding_size
+                table = self.embeddings.position_embedding.weight.reshape(side, side, -1)
+                self._grids[key] = self.embeddings.resize_positional_embeddings(
+                    table, torch.tensor([[height, width]]), max_length=length)
+            return self._grids[key]
 
 
 POSITIONS = "position_embeddings"  # the NaFlex vision graph's input in place of spatial_shapes
