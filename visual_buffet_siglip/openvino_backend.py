@@ -8,7 +8,9 @@ weights' memory again.
 
 What is converted: `get_image_features` and `get_text_features` of the loaded
 float32 transformers model, traced by `openvino.convert_model` with dynamic
-batch (and, for NaFlex, dynamic patch counts, padding masks and spatial shapes).
+batch (and, for NaFlex, dynamic patch counts and padding masks). NaFlex's
+position embeddings, resized to each image's patch grid, are computed outside the
+graph by transformers' own code (`NaFlexPositions`) and fed in as an input.
 Scoring stays in the engine (float64 dot products), so both backends share it.
 
 The disk cache (`<cache root>/openvino/`) holds one folder per tower and *key*:
@@ -25,7 +27,6 @@ until a tower is first used, so importing the plugin stays cheap.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -50,12 +51,9 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "openvino")
 SUBDIR = "openvino"
-FORMAT = "1"
-# Families whose conversion tests/test_openvino.py checks against the transformers reference. NaFlex is
-# not one: its graph matched at 64-256 patches but was 1.3e-3 off at max_num_patches = 1024 (benchmarks/
-# gpu_check.py --device cpu), where the position-embedding grid is upsampled and the traced example was
-# downsampled. Until a conversion is exact at every patch count, NaFlex runs on PyTorch.
-SUPPORTED_FAMILIES = ("siglip", "siglip2")
+FORMAT = "2"  # 2: one weights_digest a file in the manifest; NaFlex takes position embeddings
+# Families whose conversion tests/test_openvino.py checks against the transformers reference.
+SUPPORTED_FAMILIES = ("siglip", "siglip2", "naflex")
 DTYPE_HINTS = {"float32": "f32", "bfloat16": "bf16"}
 # Measured on this project's 2-core CI machine, base shape, float32 (benchmarks/RESULTS.md).
 TORCH_F32_COST = "PyTorch float32 runs the vision tower ~1.2-1.3x slower with the same scores"
@@ -144,17 +142,6 @@ class CacheEntryError(Exception):
     """A cache entry that cannot be trusted (missing files, wrong sizes or digests, foreign key)."""
 
 
-def _file_digest(path: Path, sample: int = 1 << 16) -> list[Any]:
-    """[size, digest of the head, middle and tail blocks]: catches truncation and foreign files cheaply."""
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for offset in (0, (size - sample) // 2, size - sample):
-            fh.seek(max(0, offset))
-            digest.update(fh.read(sample))
-    return [size, digest.hexdigest()[:24]]
-
-
 class ModelCache:
     """Converted OpenVINO models under `<root>/openvino/<tower>-<hash>/`, process- and thread-safe."""
 
@@ -214,7 +201,7 @@ class ModelCache:
             raise CacheEntryError("its key does not match this model")
         try:
             for name, expected in manifest.get("files", {}).items():
-                if _file_digest(entry / name) != expected:
+                if weights_digest(entry, pattern=name) != expected:
                     raise CacheEntryError(f"{name} is damaged or truncated")
             return ov.Core().read_model(str(entry / "model.xml"))
         except CacheEntryError:
@@ -229,7 +216,7 @@ class ModelCache:
         try:
             temp.mkdir()
             ov.save_model(model, str(temp / "model.xml"), compress_to_fp16=False)
-            files = {name: _file_digest(temp / name) for name in ("model.xml", "model.bin")}
+            files = {name: weights_digest(temp, pattern=name) for name in ("model.xml", "model.bin")}
             write_atomic(temp / "manifest.json", json.dumps({"format": FORMAT, "key": dict(key), "files": files}))
             if entry.exists():
                 shutil.rmtree(entry)
@@ -261,6 +248,48 @@ def versions() -> dict[str, str]:
     return out
 
 
+class NaFlexPositions:
+    """NaFlex's position embeddings resized to each image's patch grid, by transformers' own code.
+
+    Why outside the converted graph: transformers splits each patch index into row and
+    column with `floor(i / width)` in float32, and OpenVINO's CPU division is not
+    correctly rounded (a reciprocal multiply), so some exact multiples of widths 41,
+    47, 55, 61, ... land one row short and those patches take a neighbour's position
+    (confidences 2e-3 off at max_num_patches = 1024). Computed here they are the
+    reference's own; photos come in few aspect ratios, so grids are cached.
+    """
+
+    LIMIT = 16  # grids kept: so400m at 1,024 patches holds 4.7 MB each
+
+    def __init__(self, embeddings: Any):
+        self.embeddings = embeddings  # transformers' Siglip2VisionEmbeddings
+        self._grids: dict[tuple[int, int, int], Any] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, spatial_shapes: Any, length: int) -> Any:
+        """[batch, length, hidden] position embeddings for these (height, width) patch grids, padded to `length`."""
+        import torch
+
+        return torch.cat([self._grid(height, width, length) for height, width in spatial_shapes.tolist()])
+
+    def _grid(self, height: int, width: int, length: int) -> Any:
+        import torch
+
+        key = (height, width, length)
+        with self._lock, torch.no_grad():
+            if key not in self._grids:
+                if len(self._grids) >= self.LIMIT:
+                    del self._grids[next(iter(self._grids))]  # the oldest
+                side = self.embeddings.position_embedding_size
+                table = self.embeddings.position_embedding.weight.reshape(side, side, -1)
+                self._grids[key] = self.embeddings.resize_positional_embeddings(
+                    table, torch.tensor([[height, width]]), max_length=length)
+            return self._grids[key]
+
+
+POSITIONS = "position_embeddings"  # the NaFlex vision graph's input in place of spatial_shapes
+
+
 def _tower_module(model: Any, tower: str, names: Sequence[str]) -> Any:
     """An nn.Module whose positional inputs are `names`, returning the tower's pooled features."""
     import torch
@@ -273,10 +302,26 @@ def _tower_module(model: Any, tower: str, names: Sequence[str]) -> Any:
             self.model = model
 
         def forward(self, *args: torch.Tensor) -> torch.Tensor:
-            output = method(**dict(zip(names, args)))
+            inputs = dict(zip(names, args))
+            positions = inputs.pop(POSITIONS, None)
+            if positions is None:
+                output = method(**inputs)
+            else:
+                with _positions_given(model.vision_model.embeddings, positions):
+                    output = method(**inputs, spatial_shapes=torch.zeros((0, 2), dtype=torch.long))
             return output if isinstance(output, torch.Tensor) else output.pooler_output
 
     return Tower().eval()
+
+
+@contextlib.contextmanager
+def _positions_given(embeddings: Any, positions: Any) -> Iterator[None]:
+    """While tracing: transformers' NaFlex embedding layer adds `positions` (an input) instead of resizing its own."""
+    embeddings.resize_positional_embeddings = lambda *_args, **_kwargs: positions
+    try:
+        yield
+    finally:
+        del embeddings.resize_positional_embeddings
 
 
 class OpenVINOTowers:
@@ -287,6 +332,8 @@ class OpenVINOTowers:
         self.cache = ModelCache(cache_dir)
         self._compiled: dict[str, tuple[Any, tuple[str, ...]]] = {}
         self._lock = threading.Lock()
+        self._positions = (NaFlexPositions(loaded.model.vision_model.embeddings)
+                           if loaded.info.family == "naflex" else None)
 
     @property
     def weight_format(self) -> str:
@@ -296,10 +343,19 @@ class OpenVINOTowers:
         """Pooled (un-normalised) features of `tower` for torch `inputs`, as a float32 torch tensor."""
         import torch
 
+        inputs = self._graph_inputs(inputs)
         compiled, names = self._compiled_tower(tower, tuple(inputs))
         arrays = [inputs[name].detach().cpu().numpy() for name in names]
         output = compiled(arrays)[0]  # a view of the request's buffer, which the next call overwrites
         return torch.from_numpy(output.astype("float32", copy=True))
+
+    def _graph_inputs(self, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+        """What the converted graph takes: NaFlex's spatial shapes become their position embeddings."""
+        if self._positions is None or "spatial_shapes" not in inputs:
+            return inputs
+        out = {name: value for name, value in inputs.items() if name != "spatial_shapes"}
+        out[POSITIONS] = self._positions(inputs["spatial_shapes"], inputs["pixel_values"].shape[1])
+        return out
 
     def _compiled_tower(self, tower: str, names: tuple[str, ...]) -> tuple[Any, tuple[str, ...]]:
         found = self._compiled.get(tower)
@@ -338,7 +394,7 @@ class OpenVINOTowers:
         log.info("converting the %s tower of %s to OpenVINO (%s weights; first use only, cached) ...",
                  tower, loaded.info.id, self.weight_format)
         start = time.perf_counter()
-        example = _example_inputs(loaded, tower)
+        example = self._graph_inputs(_example_inputs(loaded, tower))
         with torch.no_grad(), _quiet_tracing():
             model = ov.convert_model(_tower_module(loaded.model, tower, names),
                                      example_input=tuple(example[name] for name in names))
@@ -363,7 +419,7 @@ def _dynamic_shape(tower: str, name: str, info: Any) -> str:
     if tower == "text":
         return "[?,64]"
     if info.family == "naflex":
-        return {"pixel_values": "[?,?,?]", "pixel_attention_mask": "[?,?]", "spatial_shapes": "[?,2]"}.get(name, "?")
+        return {"pixel_values": "[?,?,?]", "pixel_attention_mask": "[?,?]", POSITIONS: "[?,?,?]"}.get(name, "?")
     return f"[?,3,{info.image_size},{info.image_size}]"
 
 

@@ -84,21 +84,21 @@ def library_versions() -> dict[str, str]:
     return {name: installed_version(name) or "-" for name in ("torch", "transformers", "tokenizers", "sentencepiece")}
 
 
-def weights_digest(source: Path, sample: int = 1 << 16) -> str:
-    """A cheap content digest of a model folder's safetensors files: size, header, three sampled blocks.
+def weights_digest(source: Path, sample: int = 1 << 16, pattern: str = "*.safetensors") -> str:
+    """A cheap content digest of a folder's safetensors (or `pattern`) files: size, header, three sampled blocks.
 
     Complements a fingerprint made of sizes and mtimes: two random checkpoints of
     the same shape saved within one mtime tick still differ here. Reads ~200 KB a file.
     """
     digest = hashlib.sha256()
-    for path in sorted(source.glob("*.safetensors")):
+    for path in sorted(source.glob(pattern)):
         try:
             with open(path, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
                 header_len = safetensors_header_size(fh.read(8))
                 digest.update(f"{path.name}:{size};".encode())
                 digest.update(fh.read(min(header_len, 1 << 24)))
-                for offset in (8 + header_len, (size - sample) // 2, size - sample):
+                for offset in (min(8 + header_len, size), (size - sample) // 2, size - sample):
                     fh.seek(max(0, offset))
                     digest.update(fh.read(sample))
         except OSError as exc:  # unreadable here means unloadable too; keep the key distinct
