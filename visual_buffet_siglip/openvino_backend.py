@@ -43,6 +43,7 @@ from typing import Any
 from .fileio import write_atomic
 from .locks import locked
 from .textcache import key_digest, library_versions, weights_digest
+from .versions import installed_version
 
 __all__ = ["BACKENDS", "SUPPORTED_FAMILIES", "BackendChoice", "CacheEntryError", "ModelCache", "OpenVINOTowers",
            "choose_backend", "compile_config", "dtype_note", "quantization_reason", "unsupported", "versions"]
@@ -238,14 +239,9 @@ class ModelCache:
 
 def versions() -> dict[str, str]:
     """Versions of the libraries that shape a converted graph: the label cache's, OpenVINO's and NNCF's."""
-    from importlib import metadata
-
     import openvino
 
-    out = {**library_versions(), "openvino": openvino.__version__, "nncf": "-"}
-    with contextlib.suppress(metadata.PackageNotFoundError):
-        out["nncf"] = metadata.version("nncf")
-    return out
+    return {**library_versions(), "openvino": openvino.__version__, "nncf": installed_version("nncf") or "-"}
 
 
 class NaFlexPositions:
