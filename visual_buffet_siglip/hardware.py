@@ -25,7 +25,7 @@ from .config import ConfigError
 from .memory import GIB, VISION_SHAPES, WEIGHT_BYTES, MemoryEstimate, per_image_bytes, predict
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from .config import ModelSettings as Settings  # the planner reads only what shapes the model
     from .models import ModelInfo
 
 HALF = ("float16", "bfloat16")

@@ -44,7 +44,7 @@ from .fileio import create_with
 from .outputs import Sink, UsageError, path_key
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from .config import ModelSettings
     from .engine import ImageEmbedding, SiglipTagger
 
 log = logging.getLogger(__name__)
@@ -451,7 +451,7 @@ def check_compatible(store: EmbeddingStore, tagger: SiglipTagger) -> None:
                          + "; these settings change the embeddings, so results would not equal a fresh run")
 
 
-def _revision_of(settings: Settings) -> str | None:
+def _revision_of(settings: ModelSettings) -> str | None:
     """The configured model's fingerprint without loading it; None when it is not available."""
     from .models import ModelLoadError, fingerprint, resolve_source
 
