@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings as hyp_settings, strategies as st
 
-from visual_buffet_siglip.config import ConfigError, Settings
+from visual_buffet_siglip.config import ConfigError, ModelSettings as Settings  # what the planner reads
 from visual_buffet_siglip.cli import main
 from visual_buffet_siglip.hardware import (
     HEADROOM, MAX_BATCH, CpuInfo, CudaDevice, HardwareProfile, Plan, detect, format_plan, parse_simulation,

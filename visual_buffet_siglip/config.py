@@ -3,6 +3,13 @@
 Every problem in a block is collected and reported together, each naming the
 key, the value it got and what is allowed, so a user fixes a config in one
 round trip instead of one error at a time.
+
+A block holds two different things, kept apart once parsed (`Settings.from_mapping`):
+`ModelSettings`, what shapes the loaded model (a tagger is built from them and
+reused while they are equal), and `vocabulary.TagOptions`, what each tagging call
+selects with (labels, per-label and global thresholds, max_tags). The pluggy hook,
+the host adapter, the CLI, Ray and retag all parse a block here and take both
+halves from the result.
 """
 
 from __future__ import annotations
