@@ -363,8 +363,8 @@ def check_oom(run: Run) -> None:
     tagger = SiglipTagger(settings(path, run.device, batch_size=64))
     model = tagger.loaded.model
     if run.cuda:  # a real OOM: cap the allocator a little above what the weights hold
-        from visual_buffet_siglip.hardware import vision_tokens
         from visual_buffet_siglip.memory import per_image_bytes
+        from visual_buffet_siglip.modelfacts import vision_tokens
 
         info = tagger.loaded.info
         room = 6 * per_image_bytes(info, vision_tokens(info), "float32")  # a batch of ~6 fits, 64 does not
@@ -406,9 +406,8 @@ def check_memory(run: Run) -> None:
                           ["card", "free GB", "batch", "text tower encodes on", "predicted peak / free"])
     _planner_table(planner)
     if not run.cuda:
-        from visual_buffet_siglip.hardware import vision_tokens
         from visual_buffet_siglip.memory import predict
-        from visual_buffet_siglip.models import REGISTRY
+        from visual_buffet_siglip.modelfacts import REGISTRY, vision_tokens
 
         for shape, model_id in SHAPE_MODELS.items():  # the prediction alone: no allocator to read on the CPU
             info = REGISTRY[model_id]
@@ -433,10 +432,11 @@ def check_memory(run: Run) -> None:
 
 
 def _planner_table(planner: Section) -> None:
-    from visual_buffet_siglip.config import Settings
-    from visual_buffet_siglip.hardware import parse_simulation, plan, vision_tokens
+    from visual_buffet_siglip.config import ModelSettings as Settings
     from visual_buffet_siglip.memory import predict
-    from visual_buffet_siglip.models import REGISTRY
+    from visual_buffet_siglip.modelfacts import REGISTRY, vision_tokens
+    from visual_buffet_siglip.planner import plan
+    from visual_buffet_siglip.simulate import parse_simulation
 
     info = REGISTRY[SHAPE_MODELS["so400m"]]
     for vram in (4, 6, 8, 12, 16, 24, 40, 80):
@@ -453,8 +453,8 @@ def _measure_memory(run: Run, table: Section, path: Path, name: str, dtype: str,
     import torch
 
     from visual_buffet_siglip.engine import SiglipTagger
-    from visual_buffet_siglip.hardware import HEADROOM, vision_tokens
-    from visual_buffet_siglip.memory import predict
+    from visual_buffet_siglip.memory import HEADROOM, predict
+    from visual_buffet_siglip.modelfacts import vision_tokens
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -13,8 +13,8 @@ import pytest
 from conftest import LABELS, make_image
 
 from visual_buffet_siglip import cli, doctor
-from visual_buffet_siglip.hardware import parse_simulation
-from visual_buffet_siglip.models import REGISTRY
+from visual_buffet_siglip.modelfacts import REGISTRY
+from visual_buffet_siglip.simulate import parse_simulation
 
 CACHED = "google/siglip-base-patch16-224"
 
@@ -201,8 +201,8 @@ def test_models_json(hub_cache, capsys):
 
 def test_plan_json_matches_the_planner(capsys):
     from visual_buffet_siglip.config import Settings
-    from visual_buffet_siglip.hardware import plan
     from visual_buffet_siglip.models import model_info
+    from visual_buffet_siglip.planner import plan
 
     spec = "cuda:name=T4,vram_gb=16,cc=7.5"
     assert cli.main(["plan", "--simulate", spec, "--model", CACHED, "--format", "json"]) == 0

@@ -18,12 +18,14 @@ from hypothesis import given, settings as hyp_settings, strategies as st
 
 from visual_buffet_siglip.config import ConfigError, ModelSettings as Settings  # what the planner reads
 from visual_buffet_siglip.cli import main
-from visual_buffet_siglip.hardware import (
-    HEADROOM, MAX_BATCH, CpuInfo, CudaDevice, HardwareProfile, Plan, detect, format_plan, parse_simulation,
-    plan, vision_tokens,
-)
-from visual_buffet_siglip.memory import GIB, predict
-from visual_buffet_siglip.models import REGISTRY, ModelInfo
+from visual_buffet_siglip.hardware import CpuInfo, CudaDevice, HardwareProfile, detect
+from visual_buffet_siglip.memory import GIB, HEADROOM, predict
+from visual_buffet_siglip.modelfacts import REGISTRY, ModelInfo, vision_tokens
+from visual_buffet_siglip.plan import Plan
+from visual_buffet_siglip.planformat import format_plan
+from visual_buffet_siglip.planner import plan
+from visual_buffet_siglip.simulate import parse_simulation
+from visual_buffet_siglip.sizing import MAX_BATCH
 
 SO400M = REGISTRY["google/siglip2-so400m-patch14-384"]
 SO400M_V1 = REGISTRY["google/siglip-so400m-patch14-384"]
@@ -436,7 +438,14 @@ def test_detect_this_machine():
 
 
 def test_importing_hardware_does_not_import_torch():
-    code = ("import sys, visual_buffet_siglip.hardware as h; h.parse_simulation('cpu:cores=2'); "
+    code = ("import sys\n"
+            "from visual_buffet_siglip import ModelSettings as Settings\n"
+            "from visual_buffet_siglip.modelfacts import REGISTRY\n"
+            "from visual_buffet_siglip.planformat import format_plan\n"
+            "from visual_buffet_siglip.planner import plan\n"
+            "from visual_buffet_siglip.simulate import parse_simulation\n"
+            "profile, model = parse_simulation('cpu:cores=2'), REGISTRY['google/siglip2-base-patch16-224']\n"
+            "format_plan(profile, plan(profile, Settings(), model), model)\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'")
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,

@@ -30,7 +30,7 @@ from visual_buffet_siglip import __version__, cli, hostinstall  # noqa: E402
 from visual_buffet_siglip.config import DEFAULT_MODEL, ConfigError, Settings, builtin_vocabulary, tomllib  # noqa: E402
 from visual_buffet_siglip.engine import SiglipTagger  # noqa: E402
 from visual_buffet_siglip.host import MODEL_VARIANTS, SiglipPlugin  # noqa: E402
-from visual_buffet_siglip.models import REGISTRY  # noqa: E402
+from visual_buffet_siglip.modelfacts import REGISTRY  # noqa: E402
 from visual_buffet_siglip.plugin import tagger_for  # noqa: E402
 
 ROOT_MANIFEST = Path(__file__).parents[1] / "plugin.toml"

@@ -15,11 +15,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from visual_buffet_siglip import memory
-from visual_buffet_siglip.hardware import vision_tokens
-from visual_buffet_siglip.memory import (
-    TEXT_SHAPES, VISION_SHAPES, TowerShape, per_image_bytes, predict, vision_tower_params,
+from visual_buffet_siglip.memory import per_image_bytes, predict
+from visual_buffet_siglip.modelfacts import (
+    REGISTRY, TEXT_SHAPES, VISION_SHAPES, ModelInfo, TowerShape, vision_params, vision_shape, vision_tokens,
+    vision_tower_params,
 )
-from visual_buffet_siglip.models import REGISTRY, ModelInfo, info_from_config
+from visual_buffet_siglip.models import info_from_config
 
 SO400M = REGISTRY["google/siglip-so400m-patch14-384"]
 
@@ -69,7 +70,7 @@ def test_registry_parameter_counts_match_the_real_models(info):
     model = _meta_model(info)
     vision = _count(model.vision_model)
     assert vision == vision_tower_params(VISION_SHAPES[info.size], info.patch_size, _positions(info))
-    assert vision == memory.vision_params(info)
+    assert vision == vision_params(info)
     assert abs(vision / 1e6 - info.vision_params_m) / info.vision_params_m < 0.02  # the registry's rounded figure
     assert abs(_count(model) / 1e6 - info.params_m) / info.params_m < 0.01  # the text tower too
     text_bytes = memory.text_weight_bytes(info, "float16")
@@ -85,7 +86,7 @@ def test_vision_tower_formula_matches_every_registry_geometry(info):
     with torch.device("meta"):
         tower = SiglipVisionModel(SiglipVisionConfig(**_tower(shape), image_size=info.image_size,
                                                      patch_size=info.patch_size))
-    assert _count(tower) == vision_tower_params(shape, info.patch_size, _positions(info)) == memory.vision_params(info)
+    assert _count(tower) == vision_tower_params(shape, info.patch_size, _positions(info)) == vision_params(info)
     assert _count(tower) / 1e6 == pytest.approx(info.vision_params_m, rel=0.02)
 
 
@@ -96,7 +97,7 @@ def test_unregistered_checkpoints_count_their_vision_tower_from_config():
     info = info_from_config("somewhere/so400m-copy", config)
     assert info.vision_params_m == SO400M.vision_params_m == 428
     assert (info.vision_mlp, info.vision_heads) == (4304, 16)
-    assert memory.vision_shape(info) == memory.vision_shape(SO400M) == so400m
+    assert vision_shape(info) == vision_shape(SO400M) == so400m
 
 
 # --- the parts add up ----------------------------------------------------------------------------

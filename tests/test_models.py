@@ -10,8 +10,9 @@ import sys
 import pytest
 from conftest import make_settings
 
-from visual_buffet_siglip.models import (REGISTRY, ModelLoadError, fingerprint, info_from_config,
-                                         model_name_problem, resolve_source)
+from visual_buffet_siglip.modelfacts import REGISTRY
+from visual_buffet_siglip.models import (ModelLoadError, fingerprint, info_from_config, model_name_problem,
+                                         resolve_source)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -16,8 +16,9 @@ from test_equivalence import scores_from_tags, tags_only
 from visual_buffet_siglip import openvino_backend
 from visual_buffet_siglip.config import ConfigError, Settings, normalize_labels
 from visual_buffet_siglip.engine import SiglipTagger
-from visual_buffet_siglip.hardware import CpuInfo, CudaDevice, HardwareProfile, plan
+from visual_buffet_siglip.hardware import CpuInfo, CudaDevice, HardwareProfile
 from visual_buffet_siglip.models import model_info
+from visual_buffet_siglip.planner import plan
 from visual_buffet_siglip.openvino_backend import ModelCache, OpenVINOTowers
 
 LABELS_N = list(normalize_labels(LABELS))
@@ -217,8 +218,8 @@ def test_label_cache_and_store_identity_record_the_backend(checkpoints):
 
 
 def test_importing_the_plugin_does_not_import_openvino():
-    code = ("import sys, visual_buffet_siglip.plugin, visual_buffet_siglip.hardware as h; "
-            "h.plan(h.detect(), __import__('visual_buffet_siglip').ModelSettings(), "
+    code = ("import sys, visual_buffet_siglip.plugin, visual_buffet_siglip.hardware as h, "
+            "visual_buffet_siglip.planner as p; p.plan(h.detect(), __import__('visual_buffet_siglip').ModelSettings(), "
             "__import__('visual_buffet_siglip.models', fromlist=['x']).model_info('google/siglip-base-patch16-224')); "
             "assert 'openvino' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

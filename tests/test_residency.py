@@ -12,7 +12,7 @@ import torch
 from conftest import LABELS, make_settings
 
 from visual_buffet_siglip import engine, residency
-from visual_buffet_siglip.hardware import Plan
+from visual_buffet_siglip.plan import Plan
 
 
 def _devices(module: torch.nn.Module) -> set[str]:

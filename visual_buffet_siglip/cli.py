@@ -294,7 +294,8 @@ def run_tagging(tagger: Any, paths: list[str], sinks: list[Sink], *, quiet: bool
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import REGISTRY, cached_snapshot
+    from .modelfacts import REGISTRY
+    from .models import cached_snapshot
 
     if args.format == "json":
         print_json([{**dataclasses.asdict(info), "min_vram_gb_fp16": info.min_vram_gb_fp16,
@@ -323,8 +324,11 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .hardware import detect, format_plan, parse_simulation, plan
+    from .hardware import detect
     from .models import model_info
+    from .planformat import format_plan
+    from .planner import plan
+    from .simulate import parse_simulation
 
     settings = settings_from_args(args).model_settings
     profile = parse_simulation(args.simulate) if args.simulate else detect()

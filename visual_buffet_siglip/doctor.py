@@ -176,7 +176,8 @@ def run_checks(model: str = DEFAULT_MODEL) -> list[Check]:
     from PIL import features
 
     from .hardware import detect
-    from .models import REGISTRY, cached_snapshot
+    from .modelfacts import REGISTRY
+    from .models import cached_snapshot
 
     profile = detect()
     try:

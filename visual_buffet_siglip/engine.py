@@ -38,11 +38,12 @@ import torch
 
 from . import __version__
 from .config import MAX_LENGTH, TEMPLATE, ModelSettings, Settings, normalize_label, tagger_parts
-from .hardware import HardwareProfile, Plan, cpu_cores, detect
-from .hardware import plan as make_plan
+from .hardware import HardwareProfile, cpu_cores, detect
 from .images import ImageError, ImageSource, describe, load_image
 from .models import LoadedModel, load, model_info
 from .pixels import fixed_normaliser
+from .plan import Plan
+from .planner import plan as make_plan
 from .residency import text_tower_on
 from .textcache import DiskLabelStore, LabelEmbeddingCache, cache_root, library_versions, weights_digest
 from .vocabulary import TagOptions, select

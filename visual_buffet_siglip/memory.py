@@ -1,4 +1,4 @@
-"""How much accelerator memory tagging takes: model facts and a peak-memory prediction.
+"""How much accelerator memory tagging takes: a peak-memory prediction from `modelfacts`.
 
 Tagging keeps only the vision tower on the accelerator. The text tower lives in
 RAM and visits the accelerator only to encode labels missing from the label
@@ -26,8 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .modelfacts import CHANNELS, text_shape, vision_params, vision_shape, vision_tokens
+
 if TYPE_CHECKING:
-    from .models import ModelInfo
+    from .modelfacts import ModelInfo, TowerShape
 
 GIB = float(2**30)
 MIB = 2**20
@@ -39,61 +41,9 @@ CUDA_CONTEXT_BYTES = 512 * MIB  # CUDA context + kernel images: outside torch's 
 WORKSPACE_BYTES = 64 * MIB  # cuBLAS/cuBLASLt workspaces and attention scratch, inside the allocator
 TEXT_BATCH = 64  # labels per text-tower call (engine.TEXT_BATCH)
 TEXT_TOKENS = 64  # every prompt is padded to max_length=64 (config.MAX_LENGTH)
-CHANNELS = 3
-NAFLEX_POSITIONS = 256  # NaFlex checkpoints learn a 16 x 16 position grid, resized to each image
-
-
-@dataclass(frozen=True)
-class TowerShape:
-    """One transformer tower's dimensions, as in its transformers config."""
-
-    width: int
-    layers: int
-    mlp: int  # intermediate_size
-    heads: int
-
-    def layer_params(self) -> int:
-        """One encoder layer: q/k/v/out projections, fc1/fc2, two layer norms (weights and biases)."""
-        d, i = self.width, self.mlp
-        return 4 * d * d + 2 * d * i + 9 * d + i
-
-
-# Real checkpoints' vision towers by size class. so400m's MLP (4304) is not a multiple of 64.
-VISION_SHAPES = {
-    "base": TowerShape(768, 12, 3072, 12),
-    "large": TowerShape(1024, 24, 4096, 16),
-    "so400m": TowerShape(1152, 27, 4304, 16),
-    "giant": TowerShape(1536, 40, 6144, 16),
-}
-# Text towers: the same as the vision tower, except giant-opt pairs a giant vision tower with so400m text.
-TEXT_SHAPES = {**VISION_SHAPES, "giant": VISION_SHAPES["so400m"]}
-
-
-def vision_tower_params(shape: TowerShape, patch: int, positions: int, head: bool = True) -> int:
-    """Parameters of a SiglipVisionTransformer (patch embedding, positions, layers, attention-pooling head)."""
-    d = shape.width
-    count = CHANNELS * patch * patch * d + d  # Conv2d (SigLIP) or Linear (NaFlex): same count
-    count += positions * d + shape.layers * shape.layer_params() + 2 * d  # + post layer norm
-    if head:  # probe, MultiheadAttention (packed in-projection + out), layer norm, MLP
-        count += d + 4 * d * d + 4 * d + 2 * d + 2 * d * shape.mlp + shape.mlp + d
-    return count
-
-
-def vision_shape(model: ModelInfo) -> TowerShape:
-    """The vision tower's shape: the checkpoint's own when known, else its size class's."""
-    default = VISION_SHAPES.get(model.size, VISION_SHAPES["base"])
-    return TowerShape(model.vision_width, model.vision_layers, model.vision_mlp or default.mlp,
-                      model.vision_heads or default.heads)
-
-
-def text_shape(model: ModelInfo) -> TowerShape:
-    return TEXT_SHAPES.get(model.size, VISION_SHAPES["base"])
-
-
-def vision_params(model: ModelInfo) -> int:
-    """The vision tower's exact parameter count for this geometry (patch embedding and positions included)."""
-    positions = NAFLEX_POSITIONS if model.image_size is None else (model.image_size // model.patch_size) ** 2
-    return vision_tower_params(vision_shape(model), model.patch_size, positions)
+# The planner fills about 80% of free accelerator memory: the rest covers fragmentation,
+# other tenants and this model's own error (benchmarks/gpu_check.py measures it).
+HEADROOM = 0.20
 
 
 def vision_weight_bytes(model: ModelInfo, precision: str) -> int:
@@ -212,5 +162,36 @@ def predict(model: ModelInfo, dtype: str, quantization: str, batch: int, attenti
         context=CUDA_CONTEXT_BYTES if accelerator else 0)
 
 
-__all__ = ["TowerShape", "VISION_SHAPES", "TEXT_SHAPES", "MemoryEstimate", "predict", "per_image_bytes",
-           "vision_tower_params", "vision_shape", "WEIGHT_BYTES", "GIB"]
+def weights_gb(model: ModelInfo, precision: str) -> float:
+    """Weight memory of both towers at a dtype or quantization ("float16", "4bit", ...)."""
+    return model.params_m * 1e6 * WEIGHT_BYTES[precision] / GIB
+
+
+def per_image_gb(model: ModelInfo, tokens: int, dtype: str, attention: str = "sdpa") -> float:
+    """Working set one more image in a batch adds (`per_image_bytes`)."""
+    return per_image_bytes(model, tokens, dtype, attention) / GIB
+
+
+def split_precision(precision: str) -> tuple[str, str]:
+    """(activation dtype, quantization) for a precision; quantized layers compute in half."""
+    return (precision, "none") if precision in ("float32", "float16", "bfloat16") else ("float16", precision)
+
+
+def min_memory_gb(model: ModelInfo, precision: str, attention: str = "sdpa", max_num_patches: int = 256) -> float:
+    """Free accelerator memory `model` needs to tag one image at a time at a dtype or quantization.
+
+    Counts the vision tower only (the text tower can encode labels on the CPU),
+    the CUDA context and the planner's margin; quantized models keep both towers.
+    """
+    dtype, quant = split_precision(precision)
+    estimate = predict(model, dtype, quant, 1, attention, vision_tokens(model, max_num_patches), text_here=False)
+    return estimate.peak_total / GIB / (1 - HEADROOM)
+
+
+def fits(model: ModelInfo, precision: str, free_gb: float, max_num_patches: int) -> bool:
+    """Whether `model` can tag one image at a time in `free_gb` of accelerator memory."""
+    return min_memory_gb(model, precision, max_num_patches=max_num_patches) <= free_gb
+
+
+__all__ = ["MemoryEstimate", "predict", "per_image_bytes", "weights_gb", "per_image_gb", "min_memory_gb", "fits",
+           "split_precision", "WEIGHT_BYTES", "GIB", "HEADROOM"]

@@ -1,7 +1,9 @@
-"""Which SigLIP checkpoints exist, whether a model name is usable, and how to load one safely.
+"""Whether a model name is usable, what an unregistered checkpoint is, and how to load one safely.
 
-Name checks are pure string work (config validation runs them without torch);
-loading imports torch and transformers lazily.
+The registry and tower shapes are in `modelfacts`; this module checks names
+against them, derives a `ModelInfo` from a checkpoint's config.json, finds its
+files and loads it. Name checks are pure string work (config validation runs
+them without torch); loading imports torch and transformers lazily.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .memory import TowerShape, vision_tower_params
+from .modelfacts import REGISTRY, VISION_SHAPES, ModelInfo, TowerShape, vision_tower_params
 
 if TYPE_CHECKING:
-    from .hardware import Plan
+    from .plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -37,74 +39,11 @@ class ModelLoadError(RuntimeError):
     """The model could not be found or loaded; the message says how to fix it."""
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the planner needs to know about a checkpoint before loading it."""
-
-    id: str
-    family: str  # "siglip", "siglip2" (fixed resolution, model_type siglip) or "naflex"
-    size: str  # base, large, so400m, giant
-    image_size: int | None  # None for NaFlex (resolution follows max_num_patches)
-    patch_size: int
-    params_m: int  # whole model (vision + text), millions of parameters
-    vision_params_m: int
-    vision_width: int
-    vision_layers: int
-    in_registry: bool = True
-    vision_mlp: int = 0  # intermediate size; 0: the size class's (memory.VISION_SHAPES)
-    vision_heads: int = 0  # attention heads; 0: the size class's
-
-    @property
-    def min_vram_gb_fp16(self) -> float:
-        """DESIGN section 5 minimums at half precision."""
-        return MIN_VRAM_GB_FP16[self.size]
-
-
-MIN_VRAM_GB_FP16 = {"base": 2.0, "large": 4.0, "so400m": 6.0, "giant": 12.0}
-
-# size -> (vision params M, vision width, vision layers); total params differ by text tower.
-_VISION = {"base": (93, 768, 12), "large": (316, 1024, 24), "so400m": (428, 1152, 27), "giant": (1164, 1536, 40)}
-
-
-def _entry(model_id: str, family: str, size: str, image_size: int | None, patch: int, params_m: int) -> ModelInfo:
-    vp, width, layers = _VISION[size]
-    return ModelInfo(model_id, family, size, image_size, patch, params_m, vp, width, layers)
-
-
-def _build_registry() -> dict[str, ModelInfo]:
-    rows: list[ModelInfo] = []
-    for res in (224, 256, 384, 512):
-        rows.append(_entry(f"google/siglip-base-patch16-{res}", "siglip", "base", res, 16, 203))
-    for res in (256, 384):
-        rows.append(_entry(f"google/siglip-large-patch16-{res}", "siglip", "large", res, 16, 652))
-    for res in (224, 384):
-        rows.append(_entry(f"google/siglip-so400m-patch14-{res}", "siglip", "so400m", res, 14, 878))
-    rows.append(_entry("google/siglip-so400m-patch16-256-i18n", "siglip", "so400m", 256, 16, 1129))
-    rows.append(_entry("google/siglip-base-patch16-256-multilingual", "siglip", "base", 256, 16, 371))
-    for res in (224, 256, 384, 512):
-        rows.append(_entry(f"google/siglip2-base-patch16-{res}", "siglip2", "base", res, 16, 375))
-    rows.append(_entry("google/siglip2-base-patch32-256", "siglip2", "base", 256, 32, 376))
-    for res in (256, 384, 512):
-        rows.append(_entry(f"google/siglip2-large-patch16-{res}", "siglip2", "large", res, 16, 882))
-    for res in (224, 384):
-        rows.append(_entry(f"google/siglip2-so400m-patch14-{res}", "siglip2", "so400m", res, 14, 1136))
-    for res in (256, 384, 512):
-        rows.append(_entry(f"google/siglip2-so400m-patch16-{res}", "siglip2", "so400m", res, 16, 1136))
-    for res in (256, 384):
-        rows.append(_entry(f"google/siglip2-giant-opt-patch16-{res}", "siglip2", "giant", res, 16, 1871))
-    rows.append(_entry("google/siglip2-base-patch16-naflex", "naflex", "base", None, 16, 375))
-    rows.append(_entry("google/siglip2-so400m-patch16-naflex", "naflex", "so400m", None, 16, 1136))
-    return {row.id: row for row in rows}
-
-
-REGISTRY: dict[str, ModelInfo] = _build_registry()
-
-
 def closest_models(name: str, n: int = 3) -> list[str]:
     """Registry ids closest to `name`: same family and size first, then by spelling."""
     lowered = name.lower()
     family = "siglip2" if "siglip2" in lowered else "siglip"
-    size = next((s for s in _VISION if s in lowered), None)
+    size = next((s for s in VISION_SHAPES if s in lowered), None)
     numbers = [int(t) for t in re.findall(r"\d+", lowered.rsplit("/", 1)[-1]) if t != "2"]
 
     def rank(model_id: str) -> tuple[float, ...]:
@@ -167,7 +106,7 @@ def info_from_config(name: str, config: dict[str, Any]) -> ModelInfo:
     t_width = int(text.get("hidden_size", width))
     t_params = (int(text.get("num_hidden_layers", layers)) * 12 * t_width * t_width
                 + int(text.get("vocab_size", 32000)) * t_width) // 1_000_000
-    size = min(_VISION, key=lambda s: abs(_VISION[s][1] - width))
+    size = min(VISION_SHAPES, key=lambda s: abs(VISION_SHAPES[s].width - width))
     naflex = model_type == "siglip2"
     return ModelInfo(
         id=name, family="naflex" if naflex else "siglip", size=size,
@@ -394,6 +333,6 @@ def _unreadable_weights(source: Path) -> list[str]:
     return broken
 
 
-__all__ = ["ModelLoadError", "ModelInfo", "LoadedModel", "REGISTRY", "load", "download", "model_info",
+__all__ = ["ModelLoadError", "LoadedModel", "load", "download", "model_info",
            "info_from_config", "model_name_problem", "closest_models", "resolve_source", "read_model_config",
            "cached_snapshot", "not_cached_message", "fingerprint"]

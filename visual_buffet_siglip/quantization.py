@@ -18,7 +18,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .hardware import Plan
+    from .plan import Plan
 
 # Matched by transformers from the start of a module name up to a module
 # boundary, so this covers vision_model.head.{attention.out_proj,mlp.fc1,mlp.fc2}

@@ -5,7 +5,7 @@ cache, so on an accelerator it lives in RAM: `place` puts the vision tower
 (and the logit scale and bias) on the plan's device and keeps the text tower
 on the CPU, and `text_tower_on` brings the text tower to `Plan.text_device`
 for one round of encoding and sends it back. so400m-384 at float16 then needs
-~0.8 GB of weights on the card instead of ~1.7 GB (`memory`, `hardware.plan`).
+~0.8 GB of weights on the card instead of ~1.7 GB (`memory`, `planner.plan`).
 Quantized models are placed by bitsandbytes at load and stay where they are.
 """
 
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .hardware import Plan
+    from .plan import Plan
 
 HOME = torch.device("cpu")  # where the text tower waits between encodes
 
