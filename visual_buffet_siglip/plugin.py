@@ -2,9 +2,9 @@
 
 Taggers are created on first use from a block's `ModelSettings` and reused while
 those stay equal; each call passes the block's `TagOptions` (labels, thresholds,
-max_tags), so changing them reuses a tagger as is. The
-last few model settings used keep their tagger (least recently used dropped
-first), so a host alternating between two models does not reload on every call.
+max_tags), so changing them reuses a tagger as is. The last few model settings
+used keep their tagger (least recently used dropped first), so a host alternating
+between two models does not reload on every call.
 """
 
 from __future__ import annotations
