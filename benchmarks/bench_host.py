@@ -31,15 +31,8 @@ sys.path[:0] = [str(TESTS), str(TESTS / "standin_host" / "src")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from checkpoints import build_checkpoint  # noqa: E402
+from bench_tagging import checkpoint  # noqa: E402
 from conftest import make_image  # noqa: E402
-
-
-def _checkpoint() -> Path:
-    folder = HERE / "_work" / "siglip-base-random"
-    if not (folder / "config.json").is_file():
-        build_checkpoint("siglip", folder, shape="base")
-    return folder
 
 
 def _seconds_per_image(run, n: int) -> float:
@@ -73,7 +66,7 @@ def main() -> None:
     (work / "walk").mkdir()
     images = [make_image(work / "walk" / f"photo{i:03d}.jpg", (width, height), seed=i) for i in range(args.images)]
     scattered = _one_per_folder(images, work)
-    block = {"model": str(_checkpoint()), "device": "cpu", "dtype": "float32",
+    block = {"model": str(checkpoint("base")), "device": "cpu", "dtype": "float32",
              "cache_dir": str(HERE / "_work" / "label-cache")}  # a rerun skips encoding the labels
     config = work / "config.toml"
     config.write_text("[plugins.siglip]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in block.items()))

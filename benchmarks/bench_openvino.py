@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,13 +40,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_tagging import (
-    REPO,
     WORK,
     _load,
     checkpoint,
     jpegs,
     labels_file,
     machine,
+    run_child,
     write_section,
 )
 
@@ -188,28 +186,13 @@ def child_cold(opts: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def run_child(kind: str, opts: dict[str, Any], cache: Path) -> dict[str, Any]:
-    env = dict(os.environ, VISUAL_BUFFET_SIGLIP_CACHE=str(cache), PYTHONPATH=str(REPO))
-    with tempfile.NamedTemporaryFile("r", suffix=".json", dir=WORK, delete=False) as out:
-        result_path = out.name
-    try:
-        started = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--child", kind, "--opts", json.dumps(opts, default=str),
-                        "--result", result_path], check=True, env=env)
-        result = json.loads(Path(result_path).read_text() or "{}")
-        result["process_s"] = time.perf_counter() - started
-        return result
-    finally:
-        os.unlink(result_path)
-
-
 def cold_starts(opts: dict[str, Any]) -> dict[str, list[float]]:
     """[empty cache, warm cache] seconds to the first tagged image, per backend (float32)."""
     out = {}
     for backend in ("torch", "openvino"):
         cache = Path(tempfile.mkdtemp(prefix="cold-", dir=WORK))
         child = dict(opts, settings={"backend": backend, "dtype": "float32"})
-        out[backend] = [run_child("cold", child, cache)["process_s"] for _ in range(2)]
+        out[backend] = [run_child("cold", child, cache, __file__)["process_s"] for _ in range(2)]
     return out
 
 
@@ -247,9 +230,12 @@ def table(shape: str, res: dict[str, Any]) -> list[str]:
 
 
 def report(info: dict[str, Any], results: dict[str, Any], cold: dict[str, Any], loads: tuple[float, float]) -> str:
+    from visual_buffet_siglip.versions import installed_version
+
+    openvino, nncf = (installed_version(name) or "-" for name in ("openvino", "nncf"))
     out = [HEADING, "", (f"`python benchmarks/bench_openvino.py{' --so400m' if 'so400m' in results else ''}` "
            f"on {info['cpu']} ({info['cpus']} CPUs, SIMD {', '.join(info['simd']) or 'none listed'}), torch "
-           f"{info['torch']}, OpenVINO {_version('openvino')}, NNCF {_version('nncf')}; load average "
+           f"{info['torch']}, OpenVINO {openvino}, NNCF {nncf}; load average "
            f"{loads[0]:.1f} at start, {loads[1]:.1f} at the end (a shared machine: ratios are per round, side by "
            f"side in one process). {LABELS} labels, random weights of the real shapes."), ""]
     for shape, res in results.items():
@@ -270,15 +256,6 @@ def report(info: dict[str, Any], results: dict[str, Any], cold: dict[str, Any], 
     out += ["Plans: " + "; ".join(f"{k}: {v['backend']} {v['dtype']}/{v['quantization']}"
                                   for k, v in first["plans"].items()), ""]
     return "\n".join(out)
-
-
-def _version(name: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "-"
 
 
 def main() -> int:
@@ -303,7 +280,7 @@ def main() -> int:
     for shape in ("base", "so400m") if args.so400m else ("base",):
         opts = {"model": checkpoint(shape), "labels": labels, "images": images, "rounds": args.rounds,
                 "per_round": args.per_round}
-        results[shape] = run_child("side", opts, cache)
+        results[shape] = run_child("side", opts, cache, __file__)
     cold = {} if args.no_cold else cold_starts({"model": checkpoint("base"), "labels": labels, "images": images})
     loads.append(_load())
     text = report(machine(), results, cold, (loads[0], loads[1]))

@@ -54,15 +54,9 @@ TOLERANCE = 0.005  # the largest confidence change a default may cause (issue 4)
 
 
 def tiny_checkpoints() -> dict[str, Path]:
-    from checkpoints import FAMILIES, build_checkpoint
+    from checkpoints import FAMILIES
 
-    out = {}
-    for family in FAMILIES:
-        folder = bt.WORK / f"tiny-{family}"
-        if not (folder / "model.safetensors").is_file():
-            build_checkpoint(family, folder)
-        out[family] = folder
-    return out
+    return {family: bt.checkpoint("tiny", family) for family in FAMILIES}
 
 
 def tagger(model: Path, labels: list[str], **settings: Any):

@@ -27,18 +27,11 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from checkpoints import build_checkpoint  # noqa: E402
+from bench_tagging import checkpoint  # noqa: E402
 from conftest import make_image  # noqa: E402
 
 HEADING = "## Ray Data batch tagging (issue 7)"
 LOCAL = "local `SiglipTagger` (in-process, model loaded, torch's default threads)"
-
-
-def _checkpoint() -> Path:
-    folder = HERE / "_work" / "siglip-base-random"
-    if not (folder / "config.json").is_file():
-        build_checkpoint("siglip", folder, shape="base")
-    return folder
 
 
 def _photos(folder: Path, n: int) -> list[str]:
@@ -83,7 +76,7 @@ def main() -> None:
     from visual_buffet_siglip.distributed import tag_dataset
     from visual_buffet_siglip.engine import SiglipTagger
 
-    settings = Settings.from_mapping({"model": str(_checkpoint()), "device": "cpu", "dtype": "float32",
+    settings = Settings.from_mapping({"model": str(checkpoint("base")), "device": "cpu", "dtype": "float32",
                                       "labels": list(builtin_vocabulary()[:args.labels])})
     paths = _photos(work / "photos", args.images)
 

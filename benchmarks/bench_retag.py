@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from checkpoints import build_checkpoint  # noqa: E402
+from bench_tagging import checkpoint, rss_mb, write_section  # noqa: E402
 
 from visual_buffet_siglip.retag import RETAG_ROWS  # noqa: E402
 
@@ -42,27 +42,13 @@ NEW_QUERIES = ("a red car in the snow", "children playing football", "a bowl of 
 CHUNK = 1024  # the writer's default frame size
 
 
-def _checkpoint() -> Path:
-    folder = HERE / "_work" / "siglip-base-random"
-    if not (folder / "config.json").is_file():
-        build_checkpoint("siglip", folder, shape="base")
-    return folder
-
-
-def _rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def _measure(step: Callable[[], Any]) -> tuple[Any, float, float]:
     """(result, seconds, peak resident MB above the resident size before the step)."""
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = _rss_mb("VmRSS")
+    before = rss_mb("VmRSS")
     start = time.perf_counter()
     result = step()
-    return result, time.perf_counter() - start, _rss_mb("VmHWM") - before
+    return result, time.perf_counter() - start, rss_mb("VmHWM") - before
 
 
 def _write_store(path: Path, tagger: Any, n: int) -> None:
@@ -102,19 +88,6 @@ def _score_dtype_check(tagger: Any, store: Any, text: np.ndarray) -> float:
     return float(np.abs(fast - tagger.score(chunk.vectors, text)).max())
 
 
-def _write_section(text: str, heading: str = HEADING) -> None:
-    """Replace a benchmark's section of RESULTS.md (other benchmarks own the other sections)."""
-    results = HERE / "RESULTS.md"
-    old = results.read_text(encoding="utf-8") if results.exists() else "# Benchmark results\n"
-    if heading in old:
-        head, rest = old.split(heading, 1)
-        tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
-        new = head + text + tail
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    results.write_text(new, encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=100_000)
@@ -132,7 +105,7 @@ def main() -> None:
 
     load = os.getloadavg()[0]
     vocabulary = builtin_vocabulary()
-    tagger = SiglipTagger(Settings.from_mapping({"model": str(_checkpoint()), "device": "cpu", "dtype": "float32",
+    tagger = SiglipTagger(Settings.from_mapping({"model": str(checkpoint("base")), "device": "cpu", "dtype": "float32",
                                                  "cache_dir": str(HERE / "_work" / "label-cache")}))
     tagger.loaded  # noqa: B018 - model load is not what is measured
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,7 +150,7 @@ differ by up to {f32_diff:.1e} on the sigmoid (logit scale x dot-product roundin
 re-tag == tag promises, and float64 costs little here. On a busy 2-core machine single timings vary by
 2-3x (the load average above says how busy it was); the best of several runs is what this code costs.
 """
-    _write_section(section)
+    write_section(section, HERE / "RESULTS.md", HEADING)
     print(section)
 
 

@@ -26,6 +26,8 @@ starts and peak RSS belongs to one configuration:
 - memory: RSS sampled while tagging a long stream of images.
 
 Writes its section into benchmarks/RESULTS.md (other benchmarks own the other sections) and prints it.
+The other benchmarks share its helpers: random checkpoints, photos, labels, the
+fresh-process runner, memory readings, the machine summary and the section writer.
 """
 
 from __future__ import annotations
@@ -53,9 +55,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 HEADING = "## Tagging speed (issue 4)"
 WORK = HERE / "_work" / "tagging"
-SHAPES = {  # benchmark name -> (tests/checkpoints.py shape, the real checkpoint it mirrors)
-    "base": ("base", "google/siglip-base-patch16-224"),
-    "so400m": ("so400m", "google/siglip-so400m-patch14-384"),
+SHAPES = {  # benchmark shape (a tests/checkpoints.py shape) -> the real checkpoint it mirrors
+    "base": "google/siglip-base-patch16-224",
+    "so400m": "google/siglip-so400m-patch14-384",
 }
 # (width, height): a web image, full HD, 8 MP, a 12 MP phone photo, a 24 MP camera photo
 SIZES = [(800, 600), (1920, 1080), (3264, 2448), (4032, 3024), (6000, 4000)]
@@ -64,16 +66,21 @@ QUICK_LABELS = 340
 
 # --- inputs --------------------------------------------------------------------------------------
 
-def checkpoint(shape: str) -> Path:
-    """A random-weight checkpoint of `shape`, built once (atomically: a half-built one is never used)."""
-    folder = WORK / f"siglip-{shape}-random"
+def checkpoint(shape: str, family: str = "siglip") -> Path:
+    """A random-weight `family` checkpoint of `shape` (tests/checkpoints.py), built once for every benchmark.
+
+    Built atomically: a half-built one is never used.
+    """
+    folder = WORK / f"{family}-{shape}-random"
     if (folder / "model.safetensors").is_file():
         return folder
     from checkpoints import build_checkpoint
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{shape}-", dir=WORK))
-    print(f"building a random {SHAPES[shape][1]}-shaped checkpoint in {folder} ...", file=sys.stderr)
-    build_checkpoint("siglip", tmp, shape=SHAPES[shape][0])
+    WORK.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{family}-{shape}-", dir=WORK))
+    print(f"building a random {family} checkpoint of the {SHAPES.get(shape, shape)} shape in {folder} ...",
+          file=sys.stderr)
+    build_checkpoint(family, tmp, shape=shape)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
@@ -138,10 +145,11 @@ def labels_file(count: int | None) -> Path:
 
 # --- measurements (each in a fresh child process) -------------------------------------------------
 
-def _rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS: resident now, VmHWM: its peak); NaN elsewhere."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -272,7 +280,7 @@ def child_steady(opts: dict[str, Any]) -> dict[str, Any]:
     return {"pairs": pairs, "pair_images": pair_images, "times": times, "images_per_round": len(per_round),
             "batch": batch, "dtype": str(dtype).split(".")[-1],
             "policy": f"{auto.mode} x{auto.workers}: {auto.reason}", "text_s": text_s,
-            "stats": tagger.label_cache.stats, "peak_rss_mb": _peak_rss_mb(), "rss_mb": _rss_mb()}
+            "stats": tagger.label_cache.stats, "peak_rss_mb": _peak_rss_mb(), "rss_mb": rss_mb()}
 
 
 def child_naive(opts: dict[str, Any]) -> dict[str, Any]:
@@ -311,22 +319,27 @@ def child_memory(opts: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     for k, _ in enumerate(tagger.iter_tag(stream)):
         if k % every == 0 or k == total - 1:
-            samples.append((k + 1, round(_rss_mb(), 1)))
+            samples.append((k + 1, round(rss_mb(), 1)))
     return {"samples": samples, "seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
 
 
 CHILDREN = {"cold": child_cold, "steady": child_steady, "naive": child_naive, "memory": child_memory}
 
 
-def run_child(kind: str, opts: dict[str, Any], cache: Path) -> dict[str, Any]:
-    env = dict(os.environ, VISUAL_BUFFET_SIGLIP_CACHE=str(cache))
+def run_child(kind: str, opts: dict[str, Any], cache: Path, script: str = __file__) -> dict[str, Any]:
+    """Run `script --child kind` in a fresh process with `cache` as its label cache; its result and `process_s`.
+
+    `process_s` is the child's whole life, interpreter start included (a real cold start).
+    """
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, VISUAL_BUFFET_SIGLIP_CACHE=str(cache), PYTHONPATH=pythonpath)
     with tempfile.NamedTemporaryFile("r", suffix=".json", dir=WORK, delete=False) as out:
         result_path = out.name
     try:
         started = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--child", kind, "--opts", json.dumps(opts, default=str),
+        subprocess.run([sys.executable, script, "--child", kind, "--opts", json.dumps(opts, default=str),
                         "--result", result_path], check=True, env=env)
-        result = json.loads(Path(result_path).read_text())
+        result = json.loads(Path(result_path).read_text() or "{}")
         result["process_s"] = time.perf_counter() - started
         return result
     finally:
@@ -417,7 +430,7 @@ def report(args: argparse.Namespace, info: dict[str, Any], results: dict[str, An
         h = headline(st)
         naive = statistics.mean(res["naive"]["times"])
         n_naive = len(res["naive"]["times"])
-        lines += [f"### {SHAPES[shape][1]} shape, {res['labels']} labels", "",
+        lines += [f"### {SHAPES[shape]} shape, {res['labels']} labels", "",
                   f"Batch {st['batch']}, {st['dtype']}, decode policy {st['policy']}.", "",
                   f"Ours and the bound alternate {'batch by batch' if st['pair_images'] == st['batch'] else 'round by round'} "
                   f"({h['pairs']} pairs of {st['pair_images']} images); s/image are medians, the ratio is the "

@@ -31,17 +31,10 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from bench_retag import _measure, _write_section, _write_store  # noqa: E402
-from checkpoints import build_checkpoint  # noqa: E402
+from bench_retag import _measure, _write_store  # noqa: E402
+from bench_tagging import checkpoint, write_section  # noqa: E402
 
 HEADING = "## XMP sidecars from stored embeddings: `retag --xmp` (issue 14)"
-
-
-def _checkpoint() -> Path:
-    folder = HERE / "_work" / "siglip-tiny-random"
-    if not (folder / "config.json").is_file():
-        build_checkpoint("siglip", folder)
-    return folder
 
 
 @contextlib.contextmanager
@@ -100,7 +93,7 @@ def main() -> None:
     memory: dict[tuple[str, str], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "siglip.toml"
-        config.write_text(f'model = "{_checkpoint()}"\ndevice = "cpu"\ndtype = "float32"\n'
+        config.write_text(f'model = "{checkpoint("tiny")}"\ndevice = "cpu"\ndtype = "float32"\n'
                           f'cache_dir = "{Path(tmp) / "cache"}"\n', encoding="utf-8")
         tagger = SiglipTagger(load_settings(config))
         tuned = Path(tmp) / "tuned.tsv"  # the report's download: some labels off, some with their own threshold
@@ -166,7 +159,7 @@ that changes. Sidecars that also hold a user's data (darktable history, keywords
 go through the tree merge at the "before" speed, rerun or not. Single timings depend on the other
 jobs sharing this 2-core machine (the load average above); the two ways ran back to back.
 """
-    _write_section(section, HEADING)
+    write_section(section, HERE / "RESULTS.md", HEADING)
     print(section)
 
 

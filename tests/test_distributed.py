@@ -17,7 +17,8 @@ import pytest
 from conftest import make_image, make_settings
 
 from visual_buffet_siglip import cli
-from visual_buffet_siglip.config import ConfigError, Settings
+from visual_buffet_siglip.config import Settings
+from visual_buffet_siglip.errors import ConfigError
 from visual_buffet_siglip.distributed import (actor_settings, in_input_order, plan_actors, record_to_row,
                                               result_schema, row_to_record, tag_dataset)
 from visual_buffet_siglip.engine import SiglipTagger

@@ -1,4 +1,4 @@
-"""The hardware planner on simulated machines (DESIGN section 5, issue 18).
+"""The hardware planner on simulated machines (issue 18).
 
 Expected values are the design's rules, asserted as ranges and relations, not
 numbers copied from the implementation. Batch sizes follow the memory model
@@ -70,7 +70,7 @@ def fills_80_percent(spec: str, p: Plan, model=SO400M, max_num_patches: int = 25
     return share <= 1 - HEADROOM and (share >= 0.70 or p.batch_size == MAX_BATCH)
 
 
-# --- the machines from DESIGN / the issue -----------------------------------------------------
+# --- the machines from the design brief and the issue --------------------------------------------------
 
 def test_h100_with_flash_attn():
     p = run(H100_FA)
@@ -190,7 +190,7 @@ def test_cpu_warns_when_weights_exceed_ram():
     assert p.batch_size == 1 and any("RAM" in w for w in p.warnings)
 
 
-# --- batches fill about 80% of free memory (issue 18; was DESIGN's seed table) ----------------
+# --- batches fill about 80% of free memory (issue 18) ----------------
 
 @pytest.mark.parametrize("model", [SO400M, SO400M_V1])
 @pytest.mark.parametrize("vram", [6, 8, 12, 16, 24, 40, 80])

@@ -1,4 +1,4 @@
-"""Today's Visual Buffet host, played by the stand-in in tests/standin_host (DESIGN section 6).
+"""Today's Visual Buffet host (the README section of that name), played by the stand-in in tests/standin_host.
 
 install-into-host / --uninstall on a copy of the stand-in checkout, the host's loader
 finding our adapter, configure() + tag() one image at a time (no reload, no

@@ -26,8 +26,8 @@ from PIL import Image, ImageOps
 from visual_buffet_siglip import images
 from visual_buffet_siglip.config import normalize_labels
 from visual_buffet_siglip.engine import SiglipTagger
-from visual_buffet_siglip.images import (DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, ImageError, check_size,
-                                         load_image, to_8bit)
+from visual_buffet_siglip.errors import ImageError
+from visual_buffet_siglip.images import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, check_size, load_image, to_8bit
 
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
 TAGS = "tags"
@@ -295,7 +295,8 @@ def test_heic_and_avif_decode(corpus):
 
 def test_heic_without_the_extra_names_it(corpus):
     script = ("import sys; sys.modules['pillow_heif'] = None\n"  # as if pillow-heif were not installed
-              "from visual_buffet_siglip.images import ImageError, load_image\n"
+              "from visual_buffet_siglip.errors import ImageError\n"
+              "from visual_buffet_siglip.images import load_image\n"
               "try:\n    load_image(sys.argv[1])\n"
               "except ImageError as exc:\n    print(exc.kind, exc)\n")
     renamed = corpus["iphone.heic"].with_name("iphone-renamed.jpg")  # detected by content, not by name

@@ -16,6 +16,7 @@ import pytest
 from conftest import make_image
 
 from visual_buffet_siglip import cli, fileio, locks, outputs
+from visual_buffet_siglip.errors import InUseError
 from visual_buffet_siglip.outputs import sidecar_path
 from visual_buffet_siglip.store import EmbeddingStore
 
@@ -257,7 +258,7 @@ def test_a_second_run_on_the_same_outputs_is_refused(folder, model_args, tmp_pat
 def test_lock_names_its_holder(tmp_path):
     target = tmp_path / "x.jsonl"
     with locks.exclusive(target):
-        with pytest.raises(locks.InUseError, match=f"already in use by PID {os.getpid()}"):
+        with pytest.raises(InUseError, match=f"already in use by PID {os.getpid()}"):
             with locks.exclusive(target):
                 pass
     with locks.exclusive(target):  # released, so free again

@@ -192,3 +192,31 @@ def test_sidecar_writes_are_atomic(photos, model_args, monkeypatch, tmp_path):
 def test_overwrite_needs_sidecar(photos, model_args, capsys):
     assert cli.main(["tag", str(photos[0]), "--overwrite", *model_args]) == 2
     assert "--overwrite only applies to --sidecar" in capsys.readouterr().err
+
+
+# --- the record and sink contract -----------------------------------------------------------------
+
+def test_error_records_keep_the_output_contracts_shape():
+    from visual_buffet_siglip.engine import ImageEmbedding, SiglipTagger
+    from visual_buffet_siglip.errors import ImageDecodeError
+    from visual_buffet_siglip.outputs import json_text, path_record
+    from visual_buffet_siglip.records import error_record
+    from visual_buffet_siglip.vocabulary import TagOptions, Vocabulary
+
+    record = error_record("ImageDecodeError", "x.jpg: damaged")
+    assert json_text(path_record("x.jpg", record)) == (
+        '{"path": "x.jpg", "tags": [], "error": {"type": "ImageDecodeError", "message": "x.jpg: damaged"}}')
+    item = ImageEmbedding(0, "x.jpg", None, ImageDecodeError("x.jpg: damaged").to_dict(), 1.0)
+    options = TagOptions(Vocabulary.from_labels(["dog"]))
+    assert SiglipTagger().record_scores(item, None, options) == record  # no model needed for a failed image
+
+
+def test_every_output_is_a_sink():
+    from visual_buffet_siglip.distributed import ParquetSink
+    from visual_buffet_siglip.report import ReportSink
+    from visual_buffet_siglip.store import EmbeddingWriter
+    from visual_buffet_siglip.xmp import XmpSink
+
+    for sink in (outputs.StreamSink, outputs.SidecarSink, XmpSink, EmbeddingWriter, ReportSink, ParquetSink):
+        assert issubclass(sink, outputs.Sink), sink
+    assert not issubclass(int, outputs.Sink)

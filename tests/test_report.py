@@ -770,3 +770,26 @@ def test_filter_finds_labels_that_never_fired(browser, tmp_path):
         "dog\t0.03\tAnimals|Dogs", "puppy\toff\tAnimals|Dogs|Puppy", "cat\t0.03\tAnimals|Cats",
         "beach\t0.2\tNature|Coast|Beach"]
     assert_no_page_errors(browser)
+
+
+def test_report_selects_from_the_scores_tagging_computed():
+    """`tag --report` scores each image once: `record` reuses the scores `iter_tag` kept for the same labels."""
+    import numpy as np
+
+    from visual_buffet_siglip.engine import ImageEmbedding, SiglipTagger
+    from visual_buffet_siglip.vocabulary import TagOptions, Vocabulary
+
+    tagger = SiglipTagger()
+
+    def score(*args):
+        raise AssertionError("scored again")
+
+    tagger.score = score
+    options = TagOptions(Vocabulary.from_labels(["cat", "dog"]), 0.001, 5)
+    item = ImageEmbedding(0, "x.jpg", np.zeros(4, np.float32), None, 2.0, ("cat", "dog"),
+                          np.array([0.25, 0.5], np.float32))
+    record = tagger.record(item, np.zeros((2, 4), np.float32), options)
+    assert [(tag["label"], tag["confidence"]) for tag in record["tags"]] == [("dog", 0.5), ("cat", 0.25)]
+    item.labels = ("cat", "bird")  # scores of other labels: scored again
+    with pytest.raises(AssertionError, match="scored again"):
+        tagger.record(item, np.zeros((2, 4), np.float32), options)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from visual_buffet_siglip.engine import ImageEmbedding
-from visual_buffet_siglip.store import EmbeddingStore, EmbeddingWriter, StoreError, StoreIdentity
+from visual_buffet_siglip.errors import StoreError
+from visual_buffet_siglip.store import EmbeddingStore, EmbeddingWriter, StoreIdentity
 
 IDENTITY = StoreIdentity(model="google/siglip2-base-patch16-224", revision="hub:0123abcd", dim=8,
                          decode="fast", max_num_patches=None, dtype="float32", quantization="none")

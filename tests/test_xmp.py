@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 from visual_buffet_siglip.cli import main
 from visual_buffet_siglip.vocabulary import TagOptions, parse_vocabulary
-from visual_buffet_siglip.xmp import (MAX_SIDECAR_BYTES, Keyword, XmpError, XmpSink, _merge_tree, _ours_alone,
-                                      keywords_for, merge, read_sidecar, sidecar_path)
+from visual_buffet_siglip.errors import XmpError
+from visual_buffet_siglip.xmp import (MAX_SIDECAR_BYTES, Keyword, XmpSink, _merge_tree, _ours_alone, keywords_for,
+                                      merge, read_sidecar, sidecar_path)
 
 EXIFTOOL = shutil.which("exiftool")
 needs_exiftool = pytest.mark.skipif(EXIFTOOL is None, reason="exiftool (Debian libimage-exiftool-perl) is "

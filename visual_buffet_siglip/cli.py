@@ -20,14 +20,16 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from . import __version__
-from .config import DEFAULT_MAX_TAGS, DEFAULT_THRESHOLD, ConfigError, Settings, load_settings
+from .config import DEFAULT_MAX_TAGS, DEFAULT_THRESHOLD, Settings, load_settings
+from .errors import ConfigError, InUseError, ModelLoadError, StoreError, UsageError
 from .fileio import ReplacingOutput, replaced_at_end
 from .images import IMAGE_SUFFIXES
 from .locks import exclusive
-from .outputs import Sink, StreamSink, UsageError, json_text, path_key
+from .outputs import Sink, StreamSink, json_text, path_key
 from .targets import Target, check_targets
 
 if TYPE_CHECKING:
+    from .distributed import RayTagger
     from .xmp import XmpSink
 
 __all__ = ["main", "build_parser", "expand_paths", "run_tagging", "settings_from_args", "Sink", "UsageError"]
@@ -227,9 +229,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
                 return 1 if unreadable else 0
         tagger: Any  # a SiglipTagger, or a RayTagger with the same iter_tag
         if args.ray or args.ray_address or args.actors is not None:
-            from .distributed import cli_tagger
-
-            tagger = stack.enter_context(cli_tagger(args, settings))
+            tagger = stack.enter_context(ray_tagger(args, settings))
         else:
             tagger = SiglipTagger(settings)
         if args.format == "parquet":  # binary, written whole: a temporary file, moved into place at the end
@@ -259,6 +259,22 @@ def cmd_tag(args: argparse.Namespace) -> int:
         log.warning("%d of %d images failed; their errors are in the output", failed, len(paths))
     sidecars_failed = sidecars is not None and bool(sidecars.failed or sidecars.clashes)
     return 1 if failed or unreadable or (xmp and xmp.failed) or sidecars_failed else 0
+
+
+def ray_tagger(args: argparse.Namespace, settings: Settings) -> RayTagger:
+    """The `tag --ray` tagger, after refusing the options that need the model in this process."""
+    if not args.ray:
+        raise UsageError("--ray-address and --actors only apply with --ray")
+    if args.actors is not None and args.actors < 1:
+        raise UsageError(f"--actors {args.actors}: expected 1 or more")
+    local_only = [flag for flag, value in (("--save-embeddings", args.save_embeddings), ("--report", args.report))
+                  if value]
+    if local_only:
+        raise UsageError(f"{' and '.join(local_only)} need the model in this process and do not work with --ray "
+                         "yet; run without --ray, or use the Python API (tag_dataset(..., embeddings=True))")
+    from .distributed import RayTagger
+
+    return RayTagger(settings, address=args.ray_address, actors=args.actors, verbose=args.verbose)
 
 
 def xmp_sink(args: argparse.Namespace, settings: Settings) -> XmpSink | None:
@@ -387,7 +403,8 @@ def cmd_retag(args: argparse.Namespace) -> int:
     xmp = xmp_sink(args, settings)
     failed = total = 0
     with contextlib.ExitStack() as stack:
-        sinks: list[Sink] = [StreamSink(open_output(stack, args.output), args.format)] + ([xmp] if xmp else [])
+        sinks: list[StreamSink | XmpSink] = [StreamSink(open_output(stack, args.output), args.format)]
+        sinks += [xmp] if xmp else []
         for sink in sinks:
             stack.callback(sink.close)
         for path, record in records:
@@ -606,15 +623,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(verbose=args.verbose, quiet=args.quiet)
     if not args.verbose:
         _quiet_libraries(hub_progress=args.command == "download")
-    from .models import ModelLoadError
-
     try:
         code = args.func(args)
         sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
         return code
     except BrokenPipeError:
         return _stdout_gone()
-    except (ConfigError, ModelLoadError, UsageError, OSError) as exc:  # OSError: an output path, a full disk
+    except (ConfigError, InUseError, ModelLoadError, StoreError, UsageError,
+            OSError) as exc:  # OSError: an output path, a full disk
         if args.verbose:
             log.exception("failed")
         print(f"error: {exc}", file=sys.stderr)

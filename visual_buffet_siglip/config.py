@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from .errors import ConfigError
+
 if TYPE_CHECKING:
     from .vocabulary import TagOptions, Vocabulary
 
@@ -42,16 +44,6 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DECODES = ("fast", "exact")
 BACKENDS = ("auto", "torch", "openvino")
-
-
-class ConfigError(ValueError):
-    """Invalid settings; `problems` lists every one found, each a full sentence."""
-
-    def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("; ".join(self.problems) if len(self.problems) < 2 else (
-            f"{len(self.problems)} problems in [plugins.{PLUGIN_NAME}]:\n  - "
-            + "\n  - ".join(self.problems)))
 
 
 DEFAULT_THRESHOLD = 0.01  # SigLIP's sigmoid scores are low: 0.005-0.05 is a sensible range

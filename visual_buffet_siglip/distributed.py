@@ -20,9 +20,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .outputs import Sink, UsageError
-from .config import ConfigError, ModelSettings, Settings, tagger_parts
+from .config import ModelSettings, Settings, tagger_parts
+from .errors import ConfigError, ModelLoadError, UsageError
 from .images import describe
+from .records import Record, error_record
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -72,14 +73,16 @@ def result_schema(embeddings: bool = False) -> pa.Schema:
     return pa.schema(fields)
 
 
-def record_to_row(path: str, record: Mapping[str, Any], vector: Any = None) -> dict[str, Any]:
+def record_to_row(path: str, record: Record, vector: Any = None) -> dict[str, Any]:
     """One output-contract record (plus its path) as a flat row of `result_schema`."""
-    error = record.get("error") or {}
-    message = error.get("message")
-    return {"path": arrow_text(path), "tags": list(record["tags"]), "model": record.get("model"),
-            "version": record.get("version"), "inference_time_ms": record.get("inference_time_ms"),
-            "error_type": error.get("type"), "error_message": None if message is None else arrow_text(message),
-            "embedding": None if vector is None else vector.tolist()}
+    row: dict[str, Any] = {"path": arrow_text(path), "tags": list(record["tags"]), "model": None, "version": None,
+                           "inference_time_ms": None, "error_type": None, "error_message": None}
+    if "error" in record:
+        row.update(error_type=record["error"]["type"], error_message=arrow_text(record["error"]["message"]))
+    else:
+        row.update(model=record["model"], version=record["version"], inference_time_ms=record["inference_time_ms"])
+    row["embedding"] = None if vector is None else vector.tolist()
+    return row
 
 
 def arrow_text(text: str) -> str:
@@ -87,27 +90,26 @@ def arrow_text(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def row_to_record(row: Mapping[str, Any]) -> dict[str, Any]:
+def row_to_record(row: Mapping[str, Any]) -> Record:
     """The exact output-contract record of a result row (no path, no null keys)."""
     if row["error_type"] is not None:
-        return {"tags": [], "error": {"type": row["error_type"], "message": row["error_message"]}}
+        return error_record(row["error_type"], row["error_message"])
     return {"tags": [{"label": t["label"], "confidence": float(t["confidence"])} for t in row["tags"]],
             "model": row["model"], "version": row["version"],
             "inference_time_ms": float(row["inference_time_ms"])}
 
 
-def renamed(record: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+def renamed(record: Record, old: str, new: str) -> Record:
     """`record` with an error message that starts with the image's name `old` naming it `new` instead.
 
     Actors read bytes or absolute paths; messages must name the image as the user did.
     """
-    error = record.get("error")
-    if old == new or not error or not error["message"].startswith(old):
+    if old == new or "error" not in record or not record["error"]["message"].startswith(old):
         return record
-    return {**record, "error": {**error, "message": new + error["message"][len(old):]}}
+    return error_record(record["error"]["type"], new + record["error"]["message"][len(old):])
 
 
-class ParquetSink(Sink):
+class ParquetSink:
     """Records to one Parquet file in `result_schema`, in input order, a row group at a time."""
 
     def __init__(self, path: str, rows_per_group: int = 1024):
@@ -119,7 +121,7 @@ class ParquetSink(Sink):
         self.rows: list[dict[str, Any]] = []
         self.rows_per_group = rows_per_group
 
-    def write(self, path: str, item: Any, record: dict[str, Any]) -> None:
+    def write(self, path: str, item: ImageEmbedding | None, record: Record) -> None:
         self.rows.append(record_to_row(path, record))
         if len(self.rows) >= self.rows_per_group:
             self._flush()
@@ -337,7 +339,7 @@ class RayTagger:
 
     def iter_tag(self, images: Sequence[str], options: TagOptions | None = None, *,
                  labels: Sequence[str] | None = None, threshold: float | None = None, max_tags: int | None = None
-                 ) -> Iterator[tuple[ImageEmbedding, dict[str, Any]]]:
+                 ) -> Iterator[tuple[ImageEmbedding, Record]]:
         """(embedding, result record) per image path, in input order, as `SiglipTagger.iter_tag` gives them."""
         from .engine import ImageEmbedding
 
@@ -352,29 +354,15 @@ class RayTagger:
                 name = images[row["index"]]
                 record = renamed(row_to_record(row), row["path"], name)
                 vector = None if row["embedding"] is None else _float32(row["embedding"])
-                item = ImageEmbedding(row["index"], name, vector, record.get("error"),
-                                      record.get("inference_time_ms", 0.0))
+                if "error" in record:
+                    item = ImageEmbedding(row["index"], name, vector, record["error"], 0.0)
+                else:
+                    item = ImageEmbedding(row["index"], name, vector, None, record["inference_time_ms"])
                 yield item, record
         except self._ray.exceptions.ActorDiedError as exc:
             if not exc.actor_init_failed:
                 raise
-            from .models import ModelLoadError
-
             raise ModelLoadError(f"a Ray actor could not set up the tagger: {_root_cause(str(exc))}") from None
-
-
-def cli_tagger(args: Any, settings: Settings) -> RayTagger:
-    """The `tag --ray` tagger, after refusing the options that need the model in this process."""
-    if not args.ray:
-        raise UsageError("--ray-address and --actors only apply with --ray")
-    if args.actors is not None and args.actors < 1:
-        raise UsageError(f"--actors {args.actors}: expected 1 or more")
-    local_only = [flag for flag, value in (("--save-embeddings", args.save_embeddings), ("--report", args.report))
-                  if value]
-    if local_only:
-        raise UsageError(f"{' and '.join(local_only)} need the model in this process and do not work with --ray "
-                         "yet; run without --ray, or use the Python API (tag_dataset(..., embeddings=True))")
-    return RayTagger(settings, address=args.ray_address, actors=args.actors, verbose=args.verbose)
 
 
 def parquet_sink(output: str | None) -> ParquetSink:

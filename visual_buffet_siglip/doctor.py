@@ -13,11 +13,11 @@ import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from .config import DEFAULT_MODEL
 from .hardware import HardwareProfile
+from .versions import installed_version
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 TORCH_FLOOR = (2, 5)  # torch.OutOfMemoryError, which the engine catches, exists from 2.5
@@ -32,13 +32,6 @@ class Check:
     name: str
     detail: str
     fix: str = ""
-
-
-def _version(distribution: str) -> str | None:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _major_minor(version: str) -> tuple[int, int]:
@@ -189,13 +182,13 @@ def run_checks(model: str = DEFAULT_MODEL) -> list[Check]:
     cached = [name for name in REGISTRY if cached_snapshot(name)]
     return [
         check_python(),
-        check_torch(_version("torch"), cuda_build),
-        check_transformers(_version("transformers")),
+        check_torch(installed_version("torch"), cuda_build),
+        check_transformers(installed_version("transformers")),
         check_device(profile),
         check_bitsandbytes(profile),
         check_flash_attn(profile),
-        check_heif(_version("pillow-heif")),
-        check_avif(bool(features.check("avif")), _version("pillow") or "?"),
+        check_heif(installed_version("pillow-heif")),
+        check_avif(bool(features.check("avif")), installed_version("pillow") or "?"),
         check_cache(Path(constants.HF_HUB_CACHE)),
         check_models(cached, model, cached_snapshot(model) is not None),
         check_offline(bool(constants.HF_HUB_OFFLINE), cached),

@@ -38,12 +38,14 @@ import torch
 
 from . import __version__
 from .config import MAX_LENGTH, TEMPLATE, ModelSettings, Settings, normalize_label, tagger_parts
+from .errors import ImageError, ImagePreprocessError, NonFiniteScoreError
 from .hardware import HardwareProfile, cpu_cores, detect
-from .images import ImageError, ImageSource, describe, load_image
+from .images import ImageSource, describe, load_image
 from .models import LoadedModel, load, model_info
 from .pixels import fixed_normaliser
 from .plan import Plan
 from .planner import plan as make_plan
+from .records import ErrorDict, Record, error_record
 from .residency import text_tower_on
 from .textcache import DiskLabelStore, LabelEmbeddingCache, cache_root, library_versions, weights_digest
 from .vocabulary import TagOptions, select
@@ -58,10 +60,6 @@ MAX_DECODE_WORKERS = 16
 NARROW_SCORING = 4  # label sets this small are scored with numpy's einsum (see _Scorer)
 
 
-class NonFiniteScoreError(RuntimeError):
-    """The model produced NaN/inf (usually float16 overflow); results would be meaningless."""
-
-
 def prompt_for(label: str) -> str:
     """The fixed prompt, lowercased whole: SigLIP models were trained on lowercased text."""
     return TEMPLATE.format(label=label).lower()
@@ -69,13 +67,19 @@ def prompt_for(label: str) -> str:
 
 @dataclass
 class ImageEmbedding:
-    """One image's outcome from the vision stage: an embedding or an error, in input order."""
+    """One image's outcome from the vision stage: an embedding or an error, in input order.
+
+    `iter_tag` also keeps the image's confidences for the `labels` it scored, so
+    another output of the run (the report) selects from them instead of scoring again.
+    """
 
     index: int
     source: ImageSource
     vector: np.ndarray | None
-    error: dict[str, str] | None
+    error: ErrorDict | None
     elapsed_ms: float
+    labels: tuple[str, ...] = ()
+    scores: np.ndarray | None = None
 
 
 @dataclass
@@ -83,7 +87,7 @@ class _Prepared:
     index: int
     source: ImageSource
     inputs: dict[str, torch.Tensor] | None
-    error: dict[str, str] | None
+    error: ErrorDict | None
     decode_ms: float
 
 
@@ -325,9 +329,8 @@ class SiglipTagger:
             return _Prepared(index, source, None, exc.to_dict(), _ms(start))
         except Exception as exc:  # a processor failure on one odd image must not sink the run
             log.debug("preprocessing %s failed", describe(source), exc_info=True)
-            message = f"{describe(source)}: cannot preprocess image ({type(exc).__name__}: {exc})"
-            return _Prepared(index, source, None, {"type": "ImagePreprocessError", "message": message},
-                             _ms(start))
+            error = ImagePreprocessError(f"{describe(source)}: cannot preprocess image ({type(exc).__name__}: {exc})")
+            return _Prepared(index, source, None, error.to_dict(), _ms(start))
 
     def _prepared(self, images: Iterable[ImageSource]) -> Iterator[_Prepared]:
         """Decoded + preprocessed images in input order, at most a bounded window in memory."""
@@ -447,41 +450,51 @@ class SiglipTagger:
 
     def iter_tag(self, images: Iterable[ImageSource], options: TagOptions | None = None, *,
                  labels: Sequence[str] | None = None, threshold: float | None = None, max_tags: int | None = None
-                 ) -> Iterator[tuple[ImageEmbedding, dict[str, Any]]]:
+                 ) -> Iterator[tuple[ImageEmbedding, Record]]:
         """(embedding, result record) per image, streamed in input order.
 
         `options` say which tags to keep; without them, `labels`, `threshold` and
-        `max_tags` are shorthands applied to `default_options`.
+        `max_tags` are shorthands applied to `default_options`. Each embedding
+        keeps the image's scores for the options' labels (`ImageEmbedding.scores`).
         """
         if options is None:
             options = self.options(labels=labels, threshold=threshold, max_tags=max_tags)
         scorer = _Scorer(self.loaded.model, self.embed_texts(options.labels))
+        scored = options.labels
         for batch in self._batches(images):
             good = [(item.index, item.vector) for item in batch if item.vector is not None]
             rows = dict(zip((index for index, _ in good),
                             scorer(np.stack([vector for _, vector in good])))) if good else {}
             for item in batch:
-                yield item, self.record_scores(item, rows.get(item.index), options)
+                item.labels, item.scores = scored, rows.get(item.index)
+                yield item, self.record_scores(item, item.scores, options)
 
     def record(self, item: ImageEmbedding, text: np.ndarray, options: TagOptions,
-               labels: Sequence[str] | None = None) -> dict[str, Any]:
+               labels: Sequence[str] | None = None) -> Record:
         """The output-contract record for one image embedding against `text`, the embedded `labels`.
 
         `labels` default to the options' own; a caller may score more (the host's candidates).
+        Scores `iter_tag` already computed for these labels are reused, not computed again.
         """
-        scores = None if item.error is not None or item.vector is None else self.score(item.vector[None, :], text)[0]
+        labels = options.labels if labels is None else labels
+        if item.error is not None or item.vector is None:
+            scores = None
+        elif item.scores is not None and item.labels == tuple(labels):
+            scores = item.scores
+        else:
+            scores = self.score(item.vector[None, :], text)[0]
         return self.record_scores(item, scores, options, labels)
 
     def record_scores(self, item: ImageEmbedding, scores: np.ndarray | None, options: TagOptions,
-                      labels: Sequence[str] | None = None) -> dict[str, Any]:
+                      labels: Sequence[str] | None = None) -> Record:
         """`record` from this image's row of `score` (re-tagging scores many images per call)."""
         if item.error is not None:
-            return {"tags": [], "error": item.error}
+            return error_record(item.error["type"], item.error["message"])
         assert scores is not None, "an image without an error has scores"
         if not np.isfinite(scores).all():
-            message = (f"{describe(item.source)}: the model produced non-finite scores "
-                       f"(dtype {self.plan.dtype}); set dtype = \"float32\"")
-            return {"tags": [], "error": {"type": NonFiniteScoreError.__name__, "message": message}}
+            return error_record(NonFiniteScoreError.__name__,
+                                f"{describe(item.source)}: the model produced non-finite scores "
+                                f"(dtype {self.plan.dtype}); set dtype = \"float32\"")
         return {
             "tags": select(options.labels if labels is None else labels, scores, options),
             "model": self.settings.model,
@@ -490,8 +503,11 @@ class SiglipTagger:
         }
 
     def tag(self, images: Iterable[ImageSource], options: TagOptions | None = None,
-            **shorthands: Any) -> list[dict[str, Any]]:
-        """One result record per image, in input order (see DESIGN section 3); arguments as `iter_tag`'s."""
+            **shorthands: Any) -> list[Record]:
+        """One result record per image, in input order: tags, model, version and time, or `tags: []` and the error.
+
+        Arguments as `iter_tag`'s.
+        """
         return [record for _, record in self.iter_tag(images, options, **shorthands)]
 
 
@@ -558,5 +574,4 @@ def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
-__all__ = ["SiglipTagger", "ImageEmbedding", "DecodePolicy", "decode_policy", "NonFiniteScoreError",
-           "prompt_for"]
+__all__ = ["SiglipTagger", "ImageEmbedding", "DecodePolicy", "decode_policy", "prompt_for"]

@@ -1,20 +1,27 @@
-"""Atomic file writes, shared by every output that a reader may open, or a kill may interrupt, while we write it.
+"""File I/O shared across modules: atomic writes, and the header of a safetensors document.
 
-Nothing here writes through a symbolic link or into a device, FIFO or folder that
-happens to have the output's name: those are refused, never replaced.
+Atomic writes serve every output that a reader may open, or a kill may interrupt,
+while we write it. Nothing here writes through a symbolic link or into a device,
+FIFO or folder that happens to have the output's name: those are refused, never
+replaced. The safetensors reader gives the metadata that the safetensors
+library's loaders do not (they return tensors only; `safe_open` needs a file).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import secrets
 import stat
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+_SAFETENSORS_SIZE = struct.Struct("<Q")  # a safetensors document starts with its JSON header's length
 
 
 def special_file(path: str | os.PathLike[str]) -> str | None:
@@ -178,5 +185,32 @@ def _replace(temp: Path, target: Path) -> None:
             time.sleep(0.05 * (attempt + 1))
 
 
+# --- safetensors headers ---------------------------------------------------------------------
+
+def safetensors_header_size(head: bytes) -> int:
+    """The length of the JSON header that follows the first 8 bytes of a safetensors document (0 when shorter)."""
+    return _SAFETENSORS_SIZE.unpack_from(head)[0] if len(head) >= _SAFETENSORS_SIZE.size else 0
+
+
+def safetensors_metadata(document: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors document held in memory.
+
+    Raises ValueError, its message saying what is wrong, when the document is
+    truncated or its header is not a JSON object.
+    """
+    if len(document) < _SAFETENSORS_SIZE.size:
+        raise ValueError(f"truncated: {len(document)} bytes")
+    size = safetensors_header_size(document)
+    if size > len(document) - _SAFETENSORS_SIZE.size:
+        raise ValueError("truncated: the header runs past the end of the file")
+    try:
+        header = json.loads(document[_SAFETENSORS_SIZE.size:_SAFETENSORS_SIZE.size + size])
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"not a valid safetensors file: {exc}") from None
+    if not isinstance(header, dict):
+        raise ValueError("not a valid safetensors file: its header is not a JSON object")
+    return header.get("__metadata__") or {}
+
+
 __all__ = ["write_atomic", "create_with", "ReplacingOutput", "replaced_at_end", "refuse_special",
-           "special_file"]
+           "special_file", "safetensors_header_size", "safetensors_metadata"]

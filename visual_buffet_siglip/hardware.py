@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .memory import GIB
+from .versions import installed_version
 
 # CPU features worth knowing for inference (x86 /proc/cpuinfo flags, ARM Features).
 CPU_FEATURES = frozenset({
@@ -94,9 +95,9 @@ def version_tuple(text: str | None) -> tuple[int, ...]:
 def detect() -> HardwareProfile:
     """Profile this machine. Never raises: anything unknown gets a safe default."""
     cpu = _detect_cpu()
-    flash = _dist_version("flash-attn", "flash_attn")
-    bnb = _dist_version("bitsandbytes")
-    openvino, nncf = _dist_version("openvino"), _dist_version("nncf")
+    flash = installed_version("flash-attn", "flash_attn")
+    bnb = installed_version("bitsandbytes")
+    openvino, nncf = installed_version("openvino"), installed_version("nncf")
     try:
         import torch
     except Exception:  # no torch (or a broken one): plan for the CPU and say so
@@ -105,18 +106,6 @@ def detect() -> HardwareProfile:
                            mps_memory_gb=_detect_mps_memory(torch, cpu),
                            flash_attn=flash, bitsandbytes=bnb,
                            torch_version=str(getattr(torch, "__version__", "")), openvino=openvino, nncf=nncf)
-
-
-def _dist_version(*names: str) -> str | None:
-    """Installed version of a distribution, read from metadata (never imports it)."""
-    from importlib import metadata
-
-    for name in names:
-        try:
-            return metadata.version(name)
-        except Exception:
-            continue
-    return None
 
 
 def _read(path: str) -> str | None:

@@ -1,4 +1,4 @@
-"""The `visual_buffet` pluggy hook contract (DESIGN section 2).
+"""The `visual_buffet` pluggy hook contract: plugin info, config check, tagging (README: "How a host loads it").
 
 A host registers these specs, loads plugins from the `visual_buffet`
 entry-point group and calls the hooks with keyword arguments.

@@ -32,6 +32,7 @@ from .config import (DEFAULT_THRESHOLD, KEYS, PLUGIN_NAME, ConfigError, Settings
                      read_toml)
 from .plugin import DESCRIPTION, HARDWARE, tagger_for
 from .readahead import ImageReadAhead
+from .records import TagDict
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ class SiglipPlugin(PluginBase):
                                labels)
         if "error" in record:
             log.warning("siglip: %s", record["error"]["message"])
-            metadata["error"] = record["error"]
+            metadata["error"] = dict(record["error"])
         return self._result(record["tags"], tagger.settings.model, start, metadata)
 
     def _candidates(self, image_path: str | os.PathLike[str]) -> tuple[tuple[str, ...], dict[str, Any]]:
@@ -239,7 +240,7 @@ class SiglipPlugin(PluginBase):
         return normalize_labels(found), report
 
     @staticmethod
-    def _result(tags: list[dict[str, Any]], model: str, start: float, metadata: dict[str, Any]) -> TagResult:
+    def _result(tags: list[TagDict], model: str, start: float, metadata: dict[str, Any]) -> TagResult:
         return TagResult(tags=[Tag(label=t["label"], confidence=t["confidence"]) for t in tags], model=model,
                          version=__version__, inference_time_ms=round((time.perf_counter() - start) * 1000, 3),
                          metadata=metadata)

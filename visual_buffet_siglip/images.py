@@ -21,7 +21,8 @@ process keep their own bomb guard): our opener identifies files through PIL's
 format registry without PIL's global check, and applies our limit per call.
 
 Opening never blocks: a file swapped for a FIFO after the check is opened
-non-blocking and refused from the opened descriptor.
+non-blocking and refused from the opened descriptor. The errors (`ImageError`
+and its kinds) live in `errors`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import (EmptyFileError, ImageDecodeError, ImageError, ImageNotFoundError, ImagePermissionError,
+                     ImageTooLargeError, NotAFileError, UnsupportedFormatError)
+
 log = logging.getLogger(__name__)
 
 ImageSource = str | os.PathLike | bytes | Image.Image
@@ -55,45 +59,6 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".
 HEIF_EXTRA = "pip install 'visual-buffet-siglip[heif]'"
 
 _large_decode = threading.Lock()
-
-
-class ImageError(Exception):
-    """An image that cannot be tagged. `kind` (the class name) is the error type reported in results."""
-
-    @property
-    def kind(self) -> str:
-        return type(self).__name__
-
-    def to_dict(self) -> dict[str, str]:
-        return {"type": self.kind, "message": str(self)}
-
-
-class ImageNotFoundError(ImageError):
-    """The path does not exist (or vanished mid-run)."""
-
-
-class ImagePermissionError(ImageError):
-    """The file exists but cannot be read."""
-
-
-class NotAFileError(ImageError):
-    """A directory, pipe or device where an image file was expected."""
-
-
-class ImageDecodeError(ImageError):
-    """Not an image, or a damaged one."""
-
-
-class EmptyFileError(ImageDecodeError):
-    """A zero-byte file: usually an interrupted copy or sync."""
-
-
-class ImageTooLargeError(ImageError):
-    """Over the pixel limit, or a likely decompression bomb."""
-
-
-class UnsupportedFormatError(ImageError):
-    """A format that needs an optional extra (HEIC/HEIF without pillow-heif)."""
 
 
 def describe(source: ImageSource) -> str:
@@ -364,7 +329,5 @@ def load_image(source: ImageSource, *, draft_size: int | None = None) -> Image.I
             from None
 
 
-__all__ = ["ImageSource", "ImageError", "ImageNotFoundError", "ImagePermissionError", "NotAFileError",
-           "ImageDecodeError", "EmptyFileError", "ImageTooLargeError", "UnsupportedFormatError", "load_image",
-           "describe", "max_pixels", "check_size", "heif_available", "to_8bit", "to_rgb", "IMAGE_SUFFIXES",
-           "MAX_PIXELS_ENV", "DEFAULT_MAX_PIXELS", "LARGE_PIXELS"]
+__all__ = ["ImageSource", "load_image", "describe", "max_pixels", "check_size", "heif_available", "to_8bit",
+           "to_rgb", "IMAGE_SUFFIXES", "MAX_PIXELS_ENV", "DEFAULT_MAX_PIXELS", "LARGE_PIXELS"]

@@ -13,13 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from .outputs import UsageError
+from .errors import InUseError
 
-__all__ = ["InUseError", "exclusive", "locked"]
-
-
-class InUseError(UsageError):
-    """Another process writes this output now; exit code 2."""
+__all__ = ["exclusive", "locked"]
 
 
 def lock_path(target: Path) -> Path:

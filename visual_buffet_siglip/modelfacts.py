@@ -41,7 +41,7 @@ SIZE_ORDER = tuple(VISION_SHAPES)
 TEXT_SHAPES = {**VISION_SHAPES, "giant": VISION_SHAPES["so400m"]}
 # Vision-tower parameters (millions) the registry records per size class; totals differ by text tower.
 VISION_PARAMS_M = {"base": 93, "large": 316, "so400m": 428, "giant": 1164}
-MIN_VRAM_GB_FP16 = {"base": 2.0, "large": 4.0, "so400m": 6.0, "giant": 12.0}  # DESIGN section 5
+MIN_VRAM_GB_FP16 = {"base": 2.0, "large": 4.0, "so400m": 6.0, "giant": 12.0}  # listed by `models`
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class ModelInfo:
 
     @property
     def min_vram_gb_fp16(self) -> float:
-        """DESIGN section 5 minimums at half precision."""
+        """The smallest GPU memory (GB) that fits this size class at half precision (listed by `models`)."""
         return MIN_VRAM_GB_FP16[self.size]
 
 

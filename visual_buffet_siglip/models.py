@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import ModelLoadError
 from .modelfacts import REGISTRY, VISION_SHAPES, ModelInfo, TowerShape, vision_tower_params
 
 if TYPE_CHECKING:
@@ -33,10 +34,6 @@ SIGLIP_MODEL_TYPES = ("siglip", "siglip2")
 # concurrent from_pretrained calls have swapped weights between models).
 _LOAD_LOCK = threading.RLock()
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model")  # SigLIP 2 (Gemma), SigLIP v1
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be found or loaded; the message says how to fix it."""
 
 
 def closest_models(name: str, n: int = 3) -> list[str]:

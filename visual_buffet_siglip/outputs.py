@@ -22,10 +22,15 @@ import stat
 import textwrap
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .config import PLUGIN_NAME
+from .errors import UsageError
 from .fileio import refuse_special, write_atomic
+from .records import Record
+
+if TYPE_CHECKING:
+    from .engine import ImageEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +39,7 @@ SIDECAR_SUFFIX = "_tags.json"
 
 # --- records and sinks ----------------------------------------------------------------------
 
-class UsageError(Exception):
-    """A command-line mistake; exit code 2."""
-
-
-def path_record(path: str, record: dict[str, Any]) -> dict[str, Any]:
+def path_record(path: str, record: Record) -> dict[str, Any]:
     """A result record carrying the image path first, as the CLI writes them."""
     return {"path": path, **record}
 
@@ -70,21 +71,23 @@ def format_table(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-class Sink:
+@runtime_checkable
+class Sink(Protocol):
     """Receives each image's outcome as soon as it is known; `close` runs once at the end.
 
     `tag` feeds every sink the user asked for (the output stream, sidecars,
-    an embedding store, a report), so each output is one small class.
+    an embedding store, a report), so each output is one small class with these
+    two methods. `item` is the image's embedding (its vector, or its error).
     """
 
-    def write(self, path: str, item: Any, record: dict[str, Any]) -> None:
-        raise NotImplementedError
+    def write(self, path: str, item: ImageEmbedding, record: Record) -> None:
+        """Take one image's outcome; `path` names the image as the user did."""
 
     def close(self) -> None:
         """Finish the output (flush, write a trailer); called even after an interruption."""
 
 
-class StreamSink(Sink):
+class StreamSink:
     """Records to a stream as they arrive, flushed per image: jsonl lines, table blocks, or a json array.
 
     Nothing is written before the first record, so a run that fails before it
@@ -95,15 +98,15 @@ class StreamSink(Sink):
         self.stream, self.fmt = stream, fmt
         self.count = 0
 
-    def write(self, path: str, item: Any, record: dict[str, Any]) -> None:
-        record = path_record(path, record)
+    def write(self, path: str, item: ImageEmbedding | None, record: Record) -> None:
+        line = path_record(path, record)
         if self.fmt == "jsonl":
-            text = json_text(record) + "\n"
+            text = json_text(line) + "\n"
         elif self.fmt == "table":  # a name that is not valid UTF-8 shows as \xNN rather than crashing
-            text = (format_table(record).encode("utf-8", "surrogateescape")
+            text = (format_table(line).encode("utf-8", "surrogateescape")
                     .decode("utf-8", "backslashreplace") + "\n")
         else:  # the lines json.dumps(records, indent=2) would give, one record at a time
-            text = ("[\n" if self.count == 0 else ",\n") + textwrap.indent(json_text(record, indent=2), "  ")
+            text = ("[\n" if self.count == 0 else ",\n") + textwrap.indent(json_text(line, indent=2), "  ")
         self.stream.write(text)
         self.stream.flush()
         self.count += 1
@@ -190,7 +193,7 @@ def sidecar_path(image: str) -> Path:
     return path.with_name(path.stem + SIDECAR_SUFFIX)
 
 
-class SidecarSink(Sink):
+class SidecarSink:
     """`<stem>_tags.json` beside each tagged image, in the host's layout, written atomically.
 
     The host's document is {"file", "filename", "tagged_at", "results": {plugin:
@@ -205,7 +208,7 @@ class SidecarSink(Sink):
         self.written = self.kept = self.failed = self.clashes = 0
         self._stems: dict[Path, dict[str, list[str]]] = {}  # folder -> stem -> image names
 
-    def write(self, path: str, item: Any, record: dict[str, Any]) -> None:
+    def write(self, path: str, item: ImageEmbedding | None, record: Record) -> None:
         if "error" in record:
             return
         target = sidecar_path(path)
@@ -304,5 +307,5 @@ def _other_results(sidecar: Path) -> dict[str, Any]:
     return {k: v for k, v in results.items() if k != PLUGIN_NAME} if isinstance(results, dict) else {}
 
 
-__all__ = ["Sink", "StreamSink", "SidecarSink", "UsageError", "path_record", "json_text", "format_table",
+__all__ = ["Sink", "StreamSink", "SidecarSink", "path_record", "json_text", "format_table",
            "read_done", "remaining_paths", "sidecar_path"]

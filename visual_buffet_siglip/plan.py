@@ -11,6 +11,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+HALF = ("float16", "bfloat16")  # the half-precision dtypes the planner and quantization treat alike
+
 
 class Reasons(Mapping[str, str]):
     """An immutable, hashable str -> str mapping (keeps `Plan` hashable)."""

@@ -18,13 +18,12 @@ from .config import ConfigError
 from .hardware import MIN_BNB, CudaDevice, HardwareProfile, version_tuple
 from .memory import per_image_gb
 from .modelfacts import VISION_SHAPES, ModelInfo, vision_tokens
-from .plan import PLAN_KEYS, Plan
+from .plan import HALF, PLAN_KEYS, Plan
 from .sizing import Choice, Sizing, Target, size_batches
 
 if TYPE_CHECKING:
     from .config import ModelSettings as Settings  # the planner reads only what shapes the model
 
-HALF = ("float16", "bfloat16")
 BNB_CPU_PACKED = (0, 49)  # bitsandbytes' fused AVX512-BF16 4-bit CPU kernel (PR #1804)
 
 

@@ -15,17 +15,14 @@ Embedding, none of which bitsandbytes touches.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .plan import Plan
+from .plan import HALF, Plan
 
 # Matched by transformers from the start of a module name up to a module
 # boundary, so this covers vision_model.head.{attention.out_proj,mlp.fc1,mlp.fc2}
 # in both SiglipModel and Siglip2Model (and not text_model.head, a plain Linear).
 SKIP_MODULES: tuple[str, ...] = ("vision_model.head", "vision_model.embeddings.patch_embedding")
-
-HALF_DTYPES = ("float16", "bfloat16")
 
 
 class _DropCastNotice(logging.Filter):
@@ -48,7 +45,7 @@ def quantization_config(plan: Plan) -> Any:
     if plan.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     if plan.quantization == "4bit":
-        compute = plan.dtype if plan.dtype in HALF_DTYPES else "float32"
+        compute = plan.dtype if plan.dtype in HALF else "float32"
         return BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=getattr(torch, compute),

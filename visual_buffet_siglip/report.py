@@ -1,11 +1,11 @@
 """Self-contained HTML contact sheet with a threshold explorer.
 
 ``build_report`` turns result records (as the CLI writes them to jsonl, one
-dict per image) into one HTML document that needs nothing else: CSS and JS are
-inline, thumbnails are small JPEG data URIs, and a Content-Security-Policy
-forbids the page from loading anything at all and allows only its own script
-and style, by their SHA-256 hashes, so an injected ``<script>`` would not run
-even if the escaping failed. The page's HTML, CSS and JS are package data
+dict per image; checked, since a file may hold anything) into one HTML
+document that needs nothing else: CSS and JS are inline, thumbnails are small
+JPEG data URIs, and a Content-Security-Policy forbids the page from loading
+anything at all and allows only its own script and style, by their SHA-256
+hashes, so an injected ``<script>`` would not run even if the escaping failed. The page's HTML, CSS and JS are package data
 under ``report_assets/``, edited and linted as what they are. The data is
 embedded once as JSON and rendered by the page's script:
 
@@ -57,15 +57,18 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .fileio import write_atomic
-from .outputs import Sink, json_text
+from .outputs import json_text
+from .records import ErrorDict, Record
 
 if TYPE_CHECKING:
+    from .engine import ImageEmbedding, SiglipTagger
     from .vocabulary import Vocabulary
 
 __all__ = ["DEFAULT_TITLE", "SLIDER_MAX", "SLIDER_MIN", "build_report", "read_records", "write_report"]
@@ -102,7 +105,39 @@ def read_records(jsonl_path: Path) -> list[dict]:
     return records
 
 
-def _norm_error(err: Any) -> dict[str, str] | None:
+@dataclass(frozen=True)
+class _Card:
+    """What the page shows of one record: tags best first, one per label, finite; or the error."""
+
+    path: str
+    tags: list[tuple[str, float]]
+    error: ErrorDict | None
+    ms: float | None = None
+    model: str | None = None
+    version: str | None = None
+
+
+def _card(path: str, record: Record) -> _Card:
+    """A record as tagging made it: its tags are already selected (one per label, best first, finite)."""
+    if "error" in record:
+        return _Card(path, [], record["error"])
+    return _Card(path, [(tag["label"], tag["confidence"]) for tag in record["tags"]], None,
+                 record.get("inference_time_ms"), record.get("model"), record.get("version"))
+
+
+def _checked_card(rec: Any) -> _Card:
+    """A record read from a file or handed over by a caller, checked: anything unusable is dropped."""
+    if not isinstance(rec, Mapping):
+        raise TypeError(f"each record must be a mapping, got {type(rec).__name__}")
+    path = rec.get("path")
+    ms = rec.get("inference_time_ms")
+    valid_ms = isinstance(ms, (int, float)) and not isinstance(ms, bool) and math.isfinite(ms)
+    return _Card("" if path is None else str(path), _norm_tags(rec.get("tags")), _norm_error(rec.get("error")),
+                 ms if valid_ms else None, str(rec["model"]) if rec.get("model") else None,
+                 str(rec["version"]) if rec.get("version") else None)
+
+
+def _norm_error(err: Any) -> ErrorDict | None:
     if err is None or err is False:
         return None
     if isinstance(err, Mapping):
@@ -248,6 +283,13 @@ def build_report(
     missing or cannot be decoded gets a placeholder. ``workers`` threads make
     the thumbnails (default: up to 8).
     """
+    return _page((_checked_card(rec) for rec in records), threshold=threshold, images_root=images_root, title=title,
+                 thumb_px=thumb_px, workers=workers, vocabulary=vocabulary, max_tags=max_tags)
+
+
+def _page(cards: Iterable[_Card], *, threshold: float, images_root: Path | None, title: str, thumb_px: int = 160,
+          workers: int | None = None, vocabulary: Vocabulary | None, max_tags: int | None) -> str:
+    """`build_report` from cards; those of a `tag --report` run come from typed records, unchecked."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
     if not 0.0 <= threshold <= 1.0:
@@ -264,27 +306,22 @@ def build_report(
     images: list[dict[str, Any]] = []
     models: dict[str, None] = {}
     versions: dict[str, None] = {}
-    for rec in records:
-        if not isinstance(rec, Mapping):
-            raise TypeError(f"each record must be a mapping, got {type(rec).__name__}")
-        path = rec.get("path")
-        path = "" if path is None else str(path)
-        error = _norm_error(rec.get("error"))
+    for card in cards:
         tags = []
-        for label, conf in _norm_tags(rec.get("tags")):
+        for label, conf in card.tags:
             li = label_index.get(label)
             if li is None:
                 li = label_index[label] = len(labels)
                 labels.append(label)
             tags.append([li, conf])
-        entry: dict[str, Any] = {"path": path, "name": _display_name(path), "tags": tags, "error": error}
-        ms = rec.get("inference_time_ms")
-        if isinstance(ms, (int, float)) and not isinstance(ms, bool) and math.isfinite(ms):
-            entry["ms"] = ms
-        if rec.get("model"):
-            models[str(rec["model"])] = None
-        if rec.get("version"):
-            versions[str(rec["version"])] = None
+        entry: dict[str, Any] = {"path": card.path, "name": _display_name(card.path), "tags": tags,
+                                 "error": card.error}
+        if card.ms is not None:
+            entry["ms"] = card.ms
+        if card.model:
+            models[card.model] = None
+        if card.version:
+            versions[card.version] = None
         images.append(entry)
 
     # Thumbnails: one per distinct file, made in threads (Pillow releases the
@@ -336,11 +373,14 @@ def write_report(
 ) -> Path:
     """Build the report and write it to ``output`` atomically (a temporary
     file in the same directory, then ``os.replace``). Returns ``output``."""
-    output = Path(output)
     html = build_report(
         records, threshold=threshold, images_root=images_root, title=DEFAULT_TITLE if title is None else title,
         vocabulary=vocabulary, max_tags=max_tags,
     )
+    return _save(html, Path(output))
+
+
+def _save(html: str, output: Path) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, html)
     return output
@@ -349,33 +389,33 @@ def write_report(
 REPORT_FLOOR = SLIDER_MIN
 
 
-class ReportSink(Sink):
-    """Collects a `tag` run's outcomes, re-scored down to the slider's floor, into an HTML report.
+class ReportSink:
+    """Collects a `tag` run's outcomes, selected again down to the slider's floor, into an HTML report.
 
     The page starts from the run's own selection (its vocabulary's per-label
     thresholds and off switches, the global threshold, max_tags), so it first
     shows exactly the tags the run wrote. For that it needs every label down to
-    the lowest threshold in play, off ones included and uncapped. Re-scoring
-    costs one small matrix product per image: the label embeddings are already
-    in the tagger's memory.
+    the lowest threshold in play, off ones included and uncapped: selected again
+    from the scores tagging computed (`SiglipTagger.record` reuses them), so no
+    image is scored twice.
     """
 
-    def __init__(self, tagger: Any, output: Path, *, threshold: float):
+    def __init__(self, tagger: SiglipTagger, output: Path, *, threshold: float):
         self.tagger, self.output, self.threshold = tagger, output, threshold
         self.options = tagger.options(threshold=threshold)
         own = [entry.threshold for entry in self.options.vocabulary.entries if entry.threshold is not None]
         self.explore = self.options.explore(min([REPORT_FLOOR, threshold, *own]),
                                             max_tags=max(1, len(self.options.labels)))
-        self.records: list[dict] = []
+        self.cards: list[_Card] = []
         self._text: Any = None  # the explored labels' embeddings, looked up at the first image
 
-    def write(self, path: str, item: Any, record: Mapping) -> None:
+    def write(self, path: str, item: ImageEmbedding, record: Record) -> None:
         if self._text is None:  # once per run, not per image: the labels do not change
             self._text = self.tagger.embed_texts(self.explore.labels)
-        self.records.append({"path": path, **self.tagger.record(item, self._text, self.explore)})
+        self.cards.append(_card(path, self.tagger.record(item, self._text, self.explore)))
 
     def close(self) -> None:
-        if self.records:  # a run that failed before its first image keeps the previous report
-            write_report(self.records, self.output, threshold=self.threshold, images_root=Path.cwd(),
-                         vocabulary=self.options.vocabulary, max_tags=self.options.max_tags)
+        if self.cards:  # a run that failed before its first image keeps the previous report
+            _save(_page(self.cards, threshold=self.threshold, images_root=Path.cwd(), title=DEFAULT_TITLE,
+                        vocabulary=self.options.vocabulary, max_tags=self.options.max_tags), self.output)
 

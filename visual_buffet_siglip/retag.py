@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from .config import normalize_label
 from .engine import ImageEmbedding, SiglipTagger
-from .outputs import UsageError
+from .errors import UsageError
+from .records import Record
 from .store import Chunk, EmbeddingStore, check_compatible
 from .vocabulary import TagOptions
 
@@ -36,7 +36,7 @@ class Hit:
 
 def retag(store: EmbeddingStore, tagger: SiglipTagger, options: TagOptions | None = None, *,
           labels: Sequence[str] | None = None, threshold: float | None = None, max_tags: int | None = None
-          ) -> Iterator[tuple[str, dict[str, Any]]]:
+          ) -> Iterator[tuple[str, Record]]:
     """(path, record) for every stored image, in store order, as `tag` would give them with these options.
 
     Without `options`, `labels`, `threshold` and `max_tags` are shorthands applied
@@ -52,7 +52,7 @@ def retag(store: EmbeddingStore, tagger: SiglipTagger, options: TagOptions | Non
 
 
 def _records(store: EmbeddingStore, tagger: SiglipTagger, options: TagOptions, text: np.ndarray
-             ) -> Iterator[tuple[str, dict[str, Any]]]:
+             ) -> Iterator[tuple[str, Record]]:
     for chunk in store.chunks(RETAG_ROWS):
         scores = iter(_scores(tagger, chunk, text))
         for row, path in enumerate(chunk.paths):

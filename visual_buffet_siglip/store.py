@@ -40,8 +40,10 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from .fileio import create_with
-from .outputs import Sink, UsageError, path_key
+from .errors import StoreError
+from .fileio import create_with, safetensors_metadata
+from .outputs import path_key
+from .records import ErrorDict, Record
 
 if TYPE_CHECKING:
     from .config import ModelSettings
@@ -52,13 +54,9 @@ log = logging.getLogger(__name__)
 FORMAT = "visual-buffet-siglip/embeddings"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-_LENGTH = struct.Struct("<Q")  # version 1's frame prefix; also the size field of a safetensors document
+_LENGTH = struct.Struct("<Q")  # version 1's frame prefix
 _PREFIX = struct.Struct("<QII")  # length, crc32(document), crc32(length + document crc)
 _MAX_HEADER = 1 << 20
-
-
-class StoreError(UsageError):
-    """A store that cannot be used as asked: missing, not a store, already there, or from another model."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +107,7 @@ class Chunk:
     start: int
     paths: list[str]
     vectors: np.ndarray  # [k, d] float32, NaN rows where errors[i] is not None
-    errors: list[dict[str, str] | None]
+    errors: list[ErrorDict | None]
     elapsed_ms: list[float]
 
     @property
@@ -120,7 +118,7 @@ class Chunk:
 
 # --- writing ---------------------------------------------------------------------------------
 
-class EmbeddingWriter(Sink):
+class EmbeddingWriter:
     """Appends each image's embedding (or error) as `tag` produces it, a frame every chunk or interval.
 
     A frame is written when `chunk_rows` rows are buffered or `flush_seconds`
@@ -138,7 +136,7 @@ class EmbeddingWriter(Sink):
             header = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(identity)}
             handle = _create(self.path, json.dumps(header).encode() + b"\n")
         self._file = handle
-        self._rows: list[tuple[str, np.ndarray | None, dict[str, str] | None, float]] = []
+        self._rows: list[tuple[str, np.ndarray | None, ErrorDict | None, float]] = []
         self._last_flush = time.monotonic()
 
     @classmethod
@@ -147,7 +145,7 @@ class EmbeddingWriter(Sink):
         check_new(path)
         return cls(path, StoreIdentity.of(tagger), **options)
 
-    def write(self, path: str, item: ImageEmbedding, record: dict[str, Any] | None = None) -> None:
+    def write(self, path: str, item: ImageEmbedding, record: Record | None = None) -> None:
         if self.skip and path_key(path) in self.skip:
             return
         self._rows.append((path, item.vector, item.error, item.elapsed_ms))
@@ -393,15 +391,9 @@ def _parse_frame(start: int, document: bytes, dim: int) -> Chunk:
     from safetensors.numpy import load
 
     try:
-        return _chunk(start, load(document), _metadata(document), dim)
-    except (ValueError, KeyError, TypeError, IndexError, RecursionError, struct.error, SafetensorError) as exc:
+        return _chunk(start, load(document), safetensors_metadata(document), dim)
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError, SafetensorError) as exc:
         raise _Damage(str(exc) or type(exc).__name__) from None
-
-
-def _metadata(document: bytes) -> dict[str, str]:
-    """The `__metadata__` of a safetensors document (safetensors.numpy.load returns tensors only)."""
-    size = _LENGTH.unpack_from(document)[0]
-    return json.loads(document[_LENGTH.size:_LENGTH.size + size]).get("__metadata__") or {}
 
 
 def _chunk(start: int, tensors: dict[str, np.ndarray], metadata: dict[str, str], dim: int) -> Chunk:
@@ -452,7 +444,10 @@ def check_compatible(store: EmbeddingStore, tagger: SiglipTagger) -> None:
 
 
 def _revision_of(settings: ModelSettings) -> str | None:
-    """The configured model's fingerprint without loading it; None when it is not available."""
+    """The configured model's fingerprint, from its files before the model loads; None when it is not available.
+
+    Finding the files may download an uncached hub model first (`resolve_source`).
+    """
     from .models import ModelLoadError, fingerprint, resolve_source
 
     try:
@@ -461,5 +456,5 @@ def _revision_of(settings: ModelSettings) -> str | None:
         return None
 
 
-__all__ = ["EmbeddingStore", "EmbeddingWriter", "StoreError", "StoreIdentity", "StoreContents", "Chunk",
+__all__ = ["EmbeddingStore", "EmbeddingWriter", "StoreIdentity", "StoreContents", "Chunk",
            "read_contents", "writer_for_tag", "check_new", "check_compatible"]

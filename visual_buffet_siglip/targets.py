@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .fileio import special_file
+from .errors import UsageError
 from .images import IMAGE_SUFFIXES
-from .outputs import UsageError, path_key
+from .outputs import path_key
 
 __all__ = ["Target", "check_targets", "is_ours"]
 

@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import struct
 import sys
 import threading
 import time
@@ -39,8 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from .fileio import write_atomic
+from .fileio import safetensors_header_size, safetensors_metadata, write_atomic
 from .locks import locked
+from .versions import installed_version
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +80,8 @@ def cache_root(setting: str | None = None) -> Path:
 # --- what -------------------------------------------------------------------------------------
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries whose changes can change a text embedding."""
-    from importlib import metadata
-
-    out = {}
-    for name in ("torch", "transformers", "tokenizers", "sentencepiece"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "-"
-    return out
+    """Versions of the libraries whose changes can change a text embedding ("-": not installed)."""
+    return {name: installed_version(name) or "-" for name in ("torch", "transformers", "tokenizers", "sentencepiece")}
 
 
 def weights_digest(source: Path, sample: int = 1 << 16) -> str:
@@ -103,8 +95,7 @@ def weights_digest(source: Path, sample: int = 1 << 16) -> str:
         try:
             with open(path, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
-                head = fh.read(8)
-                header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+                header_len = safetensors_header_size(fh.read(8))
                 digest.update(f"{path.name}:{size};".encode())
                 digest.update(fh.read(min(header_len, 1 << 24)))
                 for offset in (8 + header_len, (size - sample) // 2, size - sample):
@@ -224,14 +215,11 @@ def decode(data: bytes, key: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Parse and verify a cache file's bytes; raises CacheFileError on anything suspicious."""
     from safetensors.numpy import load
 
-    if len(data) < 8:
-        raise CacheFileError(f"truncated: {len(data)} bytes")
-    header_len = struct.unpack("<Q", data[:8])[0]
-    if header_len > len(data) - 8:
-        raise CacheFileError("truncated: the header runs past the end of the file")
     try:
-        header = json.loads(data[8:8 + header_len])
-        metadata = header.get("__metadata__") or {}
+        metadata = safetensors_metadata(data)
+    except ValueError as exc:
+        raise CacheFileError(str(exc)) from None
+    try:
         tensors = load(data)
     except Exception as exc:  # safetensors raises its own error types for bad files
         raise CacheFileError(f"not a valid safetensors file: {exc}") from None

@@ -27,11 +27,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .config import DEFAULT_MAX_TAGS, DEFAULT_THRESHOLD, ConfigError, normalize_label
+
+if TYPE_CHECKING:
+    from .records import TagDict
 
 __all__ = ["OFF", "MAX_FILE_BYTES", "MAX_LINE_CHARS", "VocabularyEntry", "Vocabulary", "TagOptions",
            "parse_vocabulary", "read_vocabulary", "format_vocabulary", "builtin", "select"]
@@ -266,7 +269,7 @@ class TagOptions:
         return TagOptions(plain, floor, self.max_tags if max_tags is None else max_tags)
 
 
-def select(labels: Sequence[str], scores: np.ndarray, options: TagOptions) -> list[dict[str, Any]]:
+def select(labels: Sequence[str], scores: np.ndarray, options: TagOptions) -> list[TagDict]:
     """Tags of one image: labels reaching their threshold, by confidence descending then label, capped.
 
     A label's threshold is its own, else the global one; `off` labels never

@@ -27,17 +27,21 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.dom import Node, minidom
 from xml.etree.ElementTree import ParseError
 from xml.parsers.expat import ExpatError
 
 from . import __version__
+from .errors import XmpError
 from .fileio import write_atomic
-from .outputs import Sink
+from .records import Record, TagDict
 from .vocabulary import TagOptions, file_kind
 
-__all__ = ["NAMESPACE", "PREFIX", "MAX_SIDECAR_BYTES", "XmpError", "Keyword", "keywords_for", "merge",
+if TYPE_CHECKING:
+    from .engine import ImageEmbedding
+
+__all__ = ["NAMESPACE", "PREFIX", "MAX_SIDECAR_BYTES", "Keyword", "keywords_for", "merge",
            "sidecar_path", "read_sidecar", "XmpSink"]
 
 log = logging.getLogger(__name__)
@@ -57,10 +61,6 @@ TEMPLATE = (f'<x:xmpmeta xmlns:x="adobe:ns:meta/" x:xmptk="visual-buffet-siglip"
             f' <rdf:RDF xmlns:rdf="{RDF}">\n  <rdf:Description rdf:about=""/>\n </rdf:RDF>\n</x:xmpmeta>')
 
 
-class XmpError(Exception):
-    """A sidecar that cannot be merged safely; it is left untouched."""
-
-
 @dataclass(frozen=True)
 class Keyword:
     """One of our tags as a photo manager keyword."""
@@ -72,7 +72,7 @@ class Keyword:
     hierarchical: str
 
 
-def keywords_for(tags: Sequence[dict[str, Any]], options: TagOptions, *, root: str = "AI",
+def keywords_for(tags: Sequence[TagDict], options: TagOptions, *, root: str = "AI",
                  limit: int = 15) -> list[Keyword]:
     """Keywords for a record's tags (selected, best first), at most `limit`; an `off` label is never one."""
     prefix = tuple(part for part in root.split("|") if part)
@@ -470,7 +470,7 @@ def read_sidecar(path: Path) -> bytes | None:
     return data
 
 
-class XmpSink(Sink):
+class XmpSink:
     """Merges each tagged image's keywords into its XMP sidecar; a refused sidecar costs only that image."""
 
     def __init__(self, options: TagOptions, *, model: str, root: str = "AI", limit: int = 15,
@@ -478,7 +478,7 @@ class XmpSink(Sink):
         self.options, self.model, self.root, self.limit, self.xmp_dir = options, model, root, limit, xmp_dir
         self.written = self.unchanged = self.failed = 0
 
-    def write(self, path: str, item: Any, record: dict[str, Any]) -> None:
+    def write(self, path: str, item: ImageEmbedding | None, record: Record) -> None:
         if "error" in record:
             return
         target = sidecar_path(path, self.xmp_dir)

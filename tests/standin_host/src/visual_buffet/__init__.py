@@ -1,3 +1,3 @@
-"""Stand-in for the Visual Buffet host (tests only): the plugin interface of DESIGN section 6."""
+"""Stand-in for the Visual Buffet host (tests only): today's host's plugin interface (README section of that name)."""
 
 __version__ = "0.0.0-standin"
