@@ -79,13 +79,14 @@ def main() -> None:
     assert plugin.setup(), "setup failed (see the log)"
     setup_s = time.perf_counter() - start
     settings = plugin.settings
-    tagger = tagger_for(settings)
-    labels = settings.label_set
+    tagger = tagger_for(settings.model_settings)
+    labels = settings.options.labels
     assert labels == builtin_vocabulary()
-    options = {"threshold": settings.confidence_threshold, "limit": settings.max_tags}
+    options = {"threshold": settings.options.confidence_threshold, "limit": settings.options.max_tags}
 
     def batched() -> None:
-        tagger.tag(images, labels=labels, threshold=settings.confidence_threshold, max_tags=settings.max_tags)
+        tagger.tag(images, labels=labels, threshold=settings.options.confidence_threshold,
+                   max_tags=settings.options.max_tags)
 
     def through_host(paths: list[Path]):
         def run() -> None:
@@ -111,7 +112,7 @@ def main() -> None:
 `python benchmarks/bench_host.py --images {args.images} --size {args.size} --rounds {args.rounds}`:
 {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch CPU fp32; base-shaped random
 SigLIP checkpoint; {len(labels)} labels (built-in vocabulary); {args.images} JPEGs of {width}x{height};
-decode = "{settings.decode}", batch size {tagger.batch_size} (planner's choice). Best of {args.rounds}
+decode = "{settings.model_settings.decode}", batch size {tagger.batch_size} (planner's choice). Best of {args.rounds}
 interleaved passes each; load average {load_before:.1f} before, {load_after:.1f} after.
 
 | path | s/image | ratio to batched |

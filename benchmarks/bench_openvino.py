@@ -111,7 +111,7 @@ def child_side_by_side(opts: dict[str, Any]) -> dict[str, Any]:
     configs = {name: settings for name, settings in CONFIGS.items()
                if native_bf16() or settings["dtype"] != "bfloat16"}
     taggers = {name: _tagger(Path(opts["model"]), labels_path, **settings) for name, settings in configs.items()}
-    labels = list(taggers[BOUND].settings.label_set)
+    labels = list(taggers[BOUND].default_options.labels)
     per_round = [paths[i % len(paths)] for i in range(opts["per_round"])]
     prepared: dict[str, list[Any]] = {}
     records: dict[str, list[dict[str, Any]]] = {}

@@ -82,7 +82,7 @@ def main() -> None:
 
     tagger = SiglipTagger(settings)
     start = time.perf_counter()
-    tagger.embed_texts(settings.label_set)  # fills the disk cache the actors read
+    tagger.embed_texts(settings.options.labels)  # fills the disk cache the actors read
     encode_s = time.perf_counter() - start
     for _ in tagger.iter_tag(paths[:2]):  # warm-up: first-call costs out of the timing
         pass

@@ -33,6 +33,7 @@ fresh-process runner, memory readings, the machine summary and the section write
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -187,13 +188,13 @@ def child_cold(opts: dict[str, Any]) -> dict[str, Any]:
     tagger = _tagger(opts)
     tagger.loaded  # noqa: B018
     loaded = time.perf_counter()
-    tagger.embed_texts(tagger.settings.label_set)
+    tagger.embed_texts(tagger.default_options.labels)
     texted = time.perf_counter()
     tagger.tag([opts["image"]])
     done = time.perf_counter()
     return {"import_s": imported - start, "load_s": loaded - imported, "text_s": texted - loaded,
             "first_image_s": done - texted, "total_s": done - start, "stats": tagger.label_cache.stats,
-            "labels": len(tagger.settings.label_set), "peak_rss_mb": _peak_rss_mb()}
+            "labels": len(tagger.default_options.labels), "peak_rss_mb": _peak_rss_mb()}
 
 
 def child_steady(opts: dict[str, Any]) -> dict[str, Any]:
@@ -205,7 +206,7 @@ def child_steady(opts: dict[str, Any]) -> dict[str, Any]:
     from visual_buffet_siglip.engine import DecodePolicy
 
     tagger = _tagger(opts)
-    labels = list(tagger.settings.label_set)
+    labels = list(tagger.default_options.labels)
     started = time.perf_counter()
     tagger.embed_texts(labels)
     text_s = time.perf_counter() - started
@@ -248,7 +249,7 @@ def child_steady(opts: dict[str, Any]) -> dict[str, Any]:
     variants: dict[str, tuple[Any, Any]] = {"ours": (auto, fast)}  # name -> (decode policy, settings)
     for spec in opts.get("variants", []):
         if spec == "exact":
-            variants["ours, decode = exact"] = (auto, fast.replace(decode="exact"))
+            variants["ours, decode = exact"] = (auto, dataclasses.replace(fast, decode="exact"))
             continue
         mode, _, workers = spec.partition("-")
         n = int(workers or 0)
@@ -310,7 +311,7 @@ def child_naive(opts: dict[str, Any]) -> dict[str, Any]:
 def child_memory(opts: dict[str, Any]) -> dict[str, Any]:
     """RSS while tagging a long stream of images (records consumed as they come, as the CLI does)."""
     tagger = _tagger(opts)
-    tagger.embed_texts(tagger.settings.label_set)
+    tagger.embed_texts(tagger.default_options.labels)
     paths = [str(p) for p in opts["images"]]
     total, every = opts["count"], max(1, opts["count"] // 40)
     stream = (paths[i % len(paths)] for i in range(total))

@@ -137,7 +137,7 @@ def main() -> None:
 `python benchmarks/bench_xmp.py --images {args.images}` on {platform.machine()}, {os.cpu_count()} cores, torch
 {torch.__version__} (1-min load average {load:.1f} at the start); tiny random SigLIP, {args.images:,} random stored
 embeddings, the built-in vocabulary ({len(builtin_vocabulary()):,} labels with keyword paths), threshold
-{settings.confidence_threshold}, xmp_max_keywords {settings.xmp_max_keywords}; each step is a whole
+{settings.options.confidence_threshold}, xmp_max_keywords {settings.xmp_max_keywords}; each step is a whole
 `retag ... -o results.jsonl` run (model load and label cache included), run both ways back to back on
 two identical archives: "before", every sidecar through the tree merge (defusedxml + minidom, the
 only path before the fast path), and "now", sidecars holding only our record through the fast

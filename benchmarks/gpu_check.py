@@ -432,7 +432,7 @@ def check_memory(run: Run) -> None:
 
 
 def _planner_table(planner: Section) -> None:
-    from visual_buffet_siglip.config import Settings
+    from visual_buffet_siglip.config import ModelSettings as Settings
     from visual_buffet_siglip.memory import predict
     from visual_buffet_siglip.modelfacts import REGISTRY, vision_tokens
     from visual_buffet_siglip.planner import plan

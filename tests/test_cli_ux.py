@@ -208,7 +208,7 @@ def test_plan_json_matches_the_planner(capsys):
     assert cli.main(["plan", "--simulate", spec, "--model", CACHED, "--format", "json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     profile = parse_simulation(spec)
-    expected = plan(profile, Settings.from_mapping({"model": CACHED}), model_info(CACHED))
+    expected = plan(profile, Settings.from_mapping({"model": CACHED}).model_settings, model_info(CACHED))
     assert shown["plan"] == json.loads(json.dumps(expected.to_dict()))
     assert shown["model"]["id"] == CACHED and shown["hardware"]["cuda"][0]["name"] == "T4"
     assert shown["hardware"]["cpu"]["features"] == sorted(profile.cpu.features)

@@ -55,8 +55,7 @@ def reference(config: dict, paths: list[str]) -> list:
     from visual_buffet_siglip.config import settings_from_host_config
 
     settings = settings_from_host_config(config)
-    return tags(SiglipTagger(settings).tag(paths, threshold=settings.confidence_threshold,
-                                           max_tags=settings.max_tags))
+    return tags(SiglipTagger(settings.model_settings).tag(paths, settings.options))
 
 
 def workloads(images) -> list[list]:
@@ -158,13 +157,14 @@ def test_the_tagger_cache_keeps_the_most_recent_models(checkpoints, monkeypatch)
 
     monkeypatch.setattr(plugin, "_taggers", OrderedDict())
     monkeypatch.setattr(plugin, "TAGGERS_KEPT", 2)
-    a, b, c = (settings_from_host_config(host_config(checkpoints[f])) for f in ("siglip", "siglip2", "naflex"))
+    a, b, c = (settings_from_host_config(host_config(checkpoints[f])).model_settings
+               for f in ("siglip", "siglip2", "naflex"))
     first_a = plugin.tagger_for(a)
     plugin.tagger_for(b)
     assert plugin.tagger_for(a) is first_a  # A was used last: B is the one dropped next
     plugin.tagger_for(c)
     assert plugin.tagger_for(a) is first_a
-    assert len(plugin._taggers) == 2 and b.model_key() not in plugin._taggers
+    assert len(plugin._taggers) == 2 and b not in plugin._taggers
 
 
 COLD_START = """
@@ -191,7 +191,7 @@ from visual_buffet_siglip.engine import SiglipTagger
 serial = []
 for config in configs:  # the reference: fresh taggers, loaded one at a time
     settings = settings_from_host_config(config)
-    records = SiglipTagger(settings).tag(paths, threshold=settings.confidence_threshold, max_tags=settings.max_tags)
+    records = SiglipTagger(settings.model_settings).tag(paths, settings.options)
     serial.append([record["tags"] for record in records])
 print(json.dumps({"concurrent": concurrent, "serial": serial}))
 """

@@ -16,10 +16,12 @@ def problems_of(block, **kwargs) -> list[str]:
 
 def test_defaults():
     settings = Settings.from_mapping({})
-    assert settings.model == DEFAULT_MODEL
-    assert settings.confidence_threshold == 0.01 and settings.max_tags == 50
-    assert settings.batch_size == "auto" and settings.decode == "fast" and settings.enabled
-    assert settings.label_set == builtin_vocabulary() and len(settings.label_set) >= 1000
+    model, options = settings.model_settings, settings.options
+    assert model.model == DEFAULT_MODEL
+    assert options.confidence_threshold == 0.01 and options.max_tags == 50
+    assert model.batch_size == "auto" and model.decode == "fast" and settings.enabled
+    assert options.labels == builtin_vocabulary() and len(options.labels) >= 1000
+    assert Settings() == settings  # a plain Settings() is the defaults, built-in vocabulary included
 
 
 def test_typo_gets_did_you_mean():
@@ -45,13 +47,13 @@ def test_booleans_are_not_integers():
 
 
 def test_enums_are_case_insensitive_and_normalised():
-    settings = Settings.from_mapping({"dtype": "BFloat16", "device": "CUDA:1", "quantization": "4BIT"})
+    settings = Settings.from_mapping({"dtype": "BFloat16", "device": "CUDA:1", "quantization": "4BIT"}).model_settings
     assert (settings.dtype, settings.device, settings.quantization) == ("bfloat16", "cuda:1", "4bit")
 
 
 def test_labels_normalised_and_deduplicated():
     settings = Settings.from_mapping({"labels": ["  Golden   Retriever ", "golden retriever", "DOG", ""]})
-    assert settings.label_set == ("golden retriever", "dog")
+    assert settings.options.labels == ("golden retriever", "dog")
 
 
 def test_labels_file(tmp_path):
@@ -59,7 +61,7 @@ def test_labels_file(tmp_path):
     path.write_text("# my labels\nCat\n\n  red   car \ncat\n", encoding="utf-8")
     (tmp_path / "siglip.toml").write_text('[plugins.siglip]\nlabels_file = "labels.txt"\n', encoding="utf-8")
     settings = load_settings(tmp_path / "siglip.toml")  # relative to the config file
-    assert settings.label_set == ("cat", "red car")
+    assert settings.options.labels == ("cat", "red car")
 
 
 def test_missing_labels_file_and_both_label_keys(tmp_path):
@@ -78,7 +80,7 @@ def test_model_names():
     problem = problems_of({"model": "google/siglip-base-patch32-224"})[0]
     assert "not a released Google SigLIP checkpoint" in problem and "google/siglip-base-patch16-224" in problem
     assert "google/siglip-large-patch16-384" in problems_of({"model": "google/siglip-large-patch16-512"})[0]
-    assert Settings.from_mapping({"model": "someone/siglip-finetune"}).model == "someone/siglip-finetune"
+    assert Settings.from_mapping({"model": "someone/siglip-finetune"}).model_settings.model == "someone/siglip-finetune"
     assert "not an existing directory" in problems_of({"model": "/no/such/dir"})[0]
 
 
@@ -102,9 +104,10 @@ def test_config_file_errors(tmp_path):
 def test_replace_validates_and_keeps_the_rest():
     settings = Settings.from_mapping({"max_tags": 7, "labels": ["a", "b"]})
     changed = settings.replace(confidence_threshold=0.2)
-    assert changed.max_tags == 7 and changed.label_set == ("a", "b") and changed.confidence_threshold == 0.2
-    assert changed.model_key() == settings.model_key()
-    assert settings.replace(model="google/siglip-base-patch16-224").model_key() != settings.model_key()
+    assert changed.options.max_tags == 7 and changed.options.labels == ("a", "b")
+    assert changed.options.confidence_threshold == 0.2
+    assert changed.model_settings == settings.model_settings
+    assert settings.replace(model="google/siglip-base-patch16-224").model_settings != settings.model_settings
     with pytest.raises(ConfigError, match="max_tags"):
         settings.replace(max_tags=0)
 
@@ -112,7 +115,7 @@ def test_replace_validates_and_keeps_the_rest():
 def test_settings_are_frozen_and_hashable():
     settings = Settings.from_mapping({"labels": ["x"]})
     with pytest.raises(AttributeError):
-        settings.max_tags = 3  # type: ignore[misc]
+        settings.options.max_tags = 3  # type: ignore[misc]
     assert hash(settings) == hash(Settings.from_mapping({"labels": ["x"]}))
 
 

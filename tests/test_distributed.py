@@ -104,7 +104,7 @@ def test_paths_dataset_equals_local_and_loads_model_once_per_actor(ray_instance,
     errors = [row for row in rows if row["error_type"] is not None]
     assert [row["path"] for row in errors] == [str(folder / "corrupt.png")]
     assert errors[0]["error_type"] == "ImageDecodeError" and errors[0]["tags"] == []
-    assert all(len(row["tags"]) == len(settings.label_set) for row in rows if row["error_type"] is None)
+    assert all(len(row["tags"]) == len(settings.options.labels) for row in rows if row["error_type"] is None)
 
     pids = load_pids(ray_instance)[before:]
     assert len(pids) == 2 and len(set(pids)) == 2, f"expected one load in each of 2 actors, got {pids}"
@@ -227,4 +227,4 @@ def test_actor_settings_need_no_local_file_and_no_gpu_index(checkpoints, tmp_pat
     assert "labels_file" not in mapping and mapping["labels"] == ["dog", "red car"]
     assert mapping["device"] == "cuda"  # Ray makes the actor's own GPU the only visible one
     labels.unlink()  # an actor on another node has no such file
-    assert Settings.from_mapping(mapping).label_set == settings.label_set
+    assert Settings.from_mapping(mapping).options.labels == settings.options.labels

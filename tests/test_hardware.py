@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings as hyp_settings, strategies as st
 
-from visual_buffet_siglip.config import ConfigError, Settings
+from visual_buffet_siglip.config import ConfigError, ModelSettings as Settings  # what the planner reads
 from visual_buffet_siglip.cli import main
 from visual_buffet_siglip.hardware import CpuInfo, CudaDevice, HardwareProfile, detect
 from visual_buffet_siglip.memory import GIB, HEADROOM, predict
@@ -439,7 +439,7 @@ def test_detect_this_machine():
 
 def test_importing_hardware_does_not_import_torch():
     code = ("import sys\n"
-            "from visual_buffet_siglip import Settings\n"
+            "from visual_buffet_siglip import ModelSettings as Settings\n"
             "from visual_buffet_siglip.modelfacts import REGISTRY\n"
             "from visual_buffet_siglip.planformat import format_plan\n"
             "from visual_buffet_siglip.planner import plan\n"

@@ -192,9 +192,9 @@ def test_info_and_manifest_agree_with_settings(host):
     assert plugin.is_available()
     manifest = tomllib.loads(ROOT_MANIFEST.read_text("utf-8"))["plugin"]
     assert manifest["entry_point"] == SiglipPlugin.__name__
-    defaults, settings = manifest["defaults"], Settings()
-    assert defaults["threshold"] == defaults["confidence_threshold"] == settings.confidence_threshold
-    assert defaults["limit"] == defaults["max_tags"] == settings.max_tags
+    defaults, options = manifest["defaults"], Settings().options
+    assert defaults["threshold"] == defaults["confidence_threshold"] == options.confidence_threshold
+    assert defaults["limit"] == defaults["max_tags"] == options.max_tags
     assert defaults["model"] == DEFAULT_MODEL
 
 
@@ -203,9 +203,9 @@ def test_configure_then_tag_per_image_matches_batched_without_reloading(host, ho
     host_config(**tiny(checkpoints["siglip"]))
     plugin = installed_plugin(host)
     assert plugin.setup()
-    assert len(loads) == 1 and sorted(encoded) == sorted(Settings.from_mapping({"labels": LABELS}).label_set)
+    assert len(loads) == 1 and sorted(encoded) == sorted(Settings.from_mapping({"labels": LABELS}).options.labels)
     encoded.clear()
-    batched = tagger_for(plugin.settings).tag(images, labels=LABELS, threshold=0.0, max_tags=1000)
+    batched = tagger_for(plugin.settings.model_settings).tag(images, labels=LABELS, threshold=0.0, max_tags=1000)
     embedded.clear()
 
     for image, reference in zip(images, batched):
@@ -237,22 +237,22 @@ def test_configure_then_tag_per_image_matches_batched_without_reloading(host, ho
 
 
 def test_settings_priority_configure_over_config_file_over_defaults(host_config, tmp_path):
-    assert SiglipPlugin(tmp_path).settings.confidence_threshold == 0.01
+    assert SiglipPlugin(tmp_path).settings.options.confidence_threshold == 0.01
     host_config(threshold=0.2, limit=7)  # the host's names work in its config file too
-    assert (SiglipPlugin(tmp_path).settings.confidence_threshold, SiglipPlugin(tmp_path).settings.max_tags) == \
-        (0.2, 7)
+    options = SiglipPlugin(tmp_path).settings.options
+    assert (options.confidence_threshold, options.max_tags) == (0.2, 7)
     host_config(confidence_threshold=0.3)
     plugin = SiglipPlugin(tmp_path)
-    assert plugin.settings.confidence_threshold == 0.3
+    assert plugin.settings.options.confidence_threshold == 0.3
     plugin.configure(threshold=0.5)
-    assert plugin.settings.confidence_threshold == 0.5
+    assert plugin.settings.options.confidence_threshold == 0.5
     plugin.configure()  # each call states the settings whole, as the host does
-    assert plugin.settings.confidence_threshold == 0.3
+    assert plugin.settings.options.confidence_threshold == 0.3
     # both names in one call (the manifest's defaults list both): the one left at its default yields
     plugin.configure(threshold=0.01, confidence_threshold=0.25, limit=9, max_tags=50)
-    assert (plugin.settings.confidence_threshold, plugin.settings.max_tags) == (0.25, 9)
+    assert (plugin.settings.options.confidence_threshold, plugin.settings.options.max_tags) == (0.25, 9)
     plugin.configure(threshold=0.4, confidence_threshold=0.01)
-    assert plugin.settings.confidence_threshold == 0.4
+    assert plugin.settings.options.confidence_threshold == 0.4
     plugin.configure(enabled=False)
     skipped = plugin.tag(tmp_path / "photo.jpg")
     assert skipped.tags == [] and "enabled = false" in skipped.metadata["skipped"]
@@ -264,15 +264,15 @@ def test_host_names_map_to_our_settings(tmp_path, caplog):
                                    "v2-giant"}
     for variant, model in MODEL_VARIANTS.items():
         plugin.configure(model_variant=variant, model=DEFAULT_MODEL)
-        assert plugin.settings.model == model and model in REGISTRY
+        assert plugin.settings.model_settings.model == model and model in REGISTRY
     assert REGISTRY[MODEL_VARIANTS["v2-naflex"]].family == "naflex"
     with pytest.raises(ConfigError, match="model_variant = 'huge'.*v2-naflex"):
         plugin.configure(model_variant="huge")
 
     plugin.configure(custom_vocabulary=["Sky", " sky ", "Old  House"])
-    assert plugin.settings.label_set == ("sky", "old house")
+    assert plugin.settings.options.labels == ("sky", "old house")
     plugin.configure(custom_vocabulary=[])
-    assert plugin.settings.label_set == builtin_vocabulary()
+    assert plugin.settings.options.labels == builtin_vocabulary()
 
     with caplog.at_level(logging.WARNING):
         plugin.configure(limt=5, quality="high", use_gpu="auto")  # the host's own keys must not fail
@@ -313,7 +313,8 @@ def test_discovery_mode_scores_candidates_from_other_plugins(host, host_config, 
     assert first.metadata["discovery"] == {"ram_plus": {"candidates": 3}, "florence_2": {"candidates": 3},
                                            "yolo": {"error": "RuntimeError: yolo weights not found"}}
     assert "plugin 'yolo' failed" in caplog.text
-    alone = tagger_for(engine.plugins["siglip"].settings).tag([images[0]], labels=["sailboat"], threshold=0.0)
+    alone = tagger_for(engine.plugins["siglip"].settings.model_settings).tag([images[0]], labels=["sailboat"],
+                                                                             threshold=0.0)
     assert dict(as_pairs(first))["sailboat"] == pytest.approx(alone[0]["tags"][0]["confidence"], abs=1e-6)
 
     encoded.clear()

@@ -192,7 +192,7 @@ def test_int8_weight_compression_runs_close_to_float32(checkpoints, images, ov_c
 def _plan(openvino=OV, nncf="3.4.0", cuda=(), **settings):
     profile = HardwareProfile(cpu=CPU, cuda=cuda, openvino=openvino, nncf=nncf, torch_version="2.13",
                               bitsandbytes="0.49.0")
-    return plan(profile, Settings.from_mapping(settings), model_info("google/siglip2-base-patch16-224"))
+    return plan(profile, Settings.from_mapping(settings).model_settings, model_info("google/siglip2-base-patch16-224"))
 
 
 def test_auto_picks_openvino_on_cpu_and_says_what_torch_costs():
@@ -237,7 +237,7 @@ def test_unsupported_family_is_named():
 def test_backend_setting_is_validated_with_a_suggestion():
     with pytest.raises(ConfigError, match="openvino"):
         Settings.from_mapping({"backend": "openvno"})
-    assert Settings.from_mapping({"backend": "torch"}).backend == "torch"
+    assert Settings.from_mapping({"backend": "torch"}).model_settings.backend == "torch"
 
 
 def test_label_cache_and_store_identity_record_the_backend(checkpoints):
@@ -251,7 +251,7 @@ def test_label_cache_and_store_identity_record_the_backend(checkpoints):
 
 def test_importing_the_plugin_does_not_import_openvino():
     code = ("import sys, visual_buffet_siglip.plugin, visual_buffet_siglip.hardware as h, "
-            "visual_buffet_siglip.planner as p; p.plan(h.detect(), __import__('visual_buffet_siglip').Settings(), "
+            "visual_buffet_siglip.planner as p; p.plan(h.detect(), __import__('visual_buffet_siglip').ModelSettings(), "
             "__import__('visual_buffet_siglip.models', fromlist=['x']).model_info('google/siglip-base-patch16-224')); "
             "assert 'openvino' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -70,7 +70,7 @@ def test_every_policy_gives_the_same_records_in_order(checkpoints, mixed, policy
 
 def test_default_policy_matches_the_reference(checkpoint, images):
     tagger = SiglipTagger(make_settings(checkpoint))
-    labels = list(tagger.settings.label_set)
+    labels = list(tagger.default_options.labels)
     assert tagger.decode_policy.mode in ("inline", "phased", "overlap")
     scores = tagger.score(tagger.embed_images(images), tagger.embed_texts(labels))
     assert np.abs(scores - reference_scores(checkpoint, images, labels)).max() <= 1e-5
@@ -166,6 +166,6 @@ def test_fast_decode_reads_large_jpegs_reduced_and_barely_moves_pixels(checkpoin
 def test_exact_decode_matches_the_reference_on_jpegs(checkpoints, tmp_path):
     big = make_image(tmp_path / "big.jpg", (1000, 700), seed=6)
     tagger = SiglipTagger(make_settings(checkpoints["siglip"], decode="exact"))
-    labels = list(tagger.settings.label_set)
+    labels = list(tagger.default_options.labels)
     scores = tagger.score(tagger.embed_images([big]), tagger.embed_texts(labels))
     assert np.abs(scores - reference_scores(checkpoints["siglip"], [big], labels)).max() <= 1e-5

@@ -100,10 +100,13 @@ def test_validate_config_hook():
 def test_tagger_reused_while_model_settings_stay(checkpoints):
     from visual_buffet_siglip.config import settings_from_host_config
 
-    first = plugin.tagger_for(settings_from_host_config(host_config(checkpoints["siglip"])))
-    same = plugin.tagger_for(settings_from_host_config(host_config(checkpoints["siglip"], max_tags=3,
-                                                                   confidence_threshold=0.2, labels=["x"])))
-    other = plugin.tagger_for(settings_from_host_config(host_config(checkpoints["siglip2"])))
+    def model_settings(config):
+        return settings_from_host_config(config).model_settings
+
+    first = plugin.tagger_for(model_settings(host_config(checkpoints["siglip"])))
+    same = plugin.tagger_for(model_settings(host_config(checkpoints["siglip"], max_tags=3,
+                                                        confidence_threshold=0.2, labels=["x"])))
+    other = plugin.tagger_for(model_settings(host_config(checkpoints["siglip2"])))
     assert first is same and other is not first
 
 

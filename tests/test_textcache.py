@@ -260,6 +260,6 @@ def test_cli_no_text_cache_flag():
     from visual_buffet_siglip.cli import build_parser, settings_from_args
 
     args = build_parser().parse_args(["tag", "x.jpg", "--no-text-cache"])
-    assert settings_from_args(args).text_cache is False
+    assert settings_from_args(args).model_settings.text_cache is False
     args = build_parser().parse_args(["tag", "x.jpg"])
-    assert settings_from_args(args).text_cache is True
+    assert settings_from_args(args).model_settings.text_cache is True

@@ -55,7 +55,7 @@ def test_format_round_trips(rows):
 
 def test_builtin_vocabulary_parses_with_its_keyword_paths():
     labels = builtin_vocabulary()
-    assert len(labels) >= 1000 and Settings.from_mapping({}).label_set == labels
+    assert len(labels) >= 1000 and Settings.from_mapping({}).options.labels == labels
     assert all(label == label.lower() for label in labels)
 
 
@@ -63,8 +63,8 @@ def test_plain_labels_file_still_works(tmp_path):
     path = tmp_path / "labels.txt"
     path.write_text("\ufeffCat\n# comment\n\n  red   car \ncat\n", encoding="utf-8")  # a BOM, too
     settings = Settings.from_mapping({"labels_file": str(path)})
-    assert settings.label_set == ("cat", "red car")
-    assert settings.vocabulary.get("cat") == VocabularyEntry("cat")
+    assert settings.options.labels == ("cat", "red car")
+    assert settings.options.vocabulary.get("cat") == VocabularyEntry("cat")
 
 
 def test_labels_file_with_bad_lines_names_file_and_lines(tmp_path):
@@ -226,8 +226,8 @@ def test_every_caller_selects_with_the_vocabulary(checkpoints, images, tmp_path)
     assert [r["tags"] for r in plugin.visual_buffet_tag(images=paths, config=config)["results"]] == local
     from visual_buffet_siglip.vocabulary import format_vocabulary
 
-    actor = TagBatches(actor_settings(settings), vocabulary=format_vocabulary(settings.vocabulary))
+    actor = TagBatches(actor_settings(settings), vocabulary=format_vocabulary(settings.options.vocabulary))
     rows = actor(pa.table({"path": paths})).to_pylist()
     assert [row_to_record(row)["tags"] for row in rows] == local
-    assert len(vocabulary_entries := settings.vocabulary.entries) == len(LABELS)
+    assert len(vocabulary_entries := settings.options.vocabulary.entries) == len(LABELS)
     assert vocabulary_entries[0].keyword_path == ("Things", LABELS[0].lower())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, Settings
+from .config import ConfigError, ModelSettings, Settings
 
 __version__ = "0.1.0"
 
@@ -24,4 +24,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-__all__ = ["ConfigError", "Settings", "SiglipTagger", "__version__"]
+__all__ = ["ConfigError", "ModelSettings", "Settings", "SiglipTagger", "__version__"]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from . import __version__
-from .config import Settings, load_settings
+from .config import DEFAULT_MAX_TAGS, DEFAULT_THRESHOLD, Settings, load_settings
 from .errors import ConfigError, InUseError, ModelLoadError, StoreError, UsageError
 from .fileio import ReplacingOutput, replaced_at_end
 from .images import IMAGE_SUFFIXES
@@ -30,7 +30,6 @@ from .targets import Target, check_targets
 
 if TYPE_CHECKING:
     from .distributed import RayTagger
-    from .vocabulary import TagOptions
     from .xmp import XmpSink
 
 __all__ = ["main", "build_parser", "expand_paths", "run_tagging", "settings_from_args", "Sink", "UsageError"]
@@ -131,8 +130,8 @@ _OVERRIDES = (("model", "model"), ("confidence_threshold", "threshold"), ("max_t
 def _add_settings_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML file with a [plugins.siglip] block")
     parser.add_argument("--model", help="registry id, SigLIP hub id or local directory")
-    parser.add_argument("--threshold", type=float, help="confidence_threshold (default 0.01)")
-    parser.add_argument("--max-tags", type=int, help="max_tags (default 50)")
+    parser.add_argument("--threshold", type=float, help=f"confidence_threshold (default {DEFAULT_THRESHOLD})")
+    parser.add_argument("--max-tags", type=int, help=f"max_tags (default {DEFAULT_MAX_TAGS})")
     parser.add_argument("--labels-file", metavar="FILE", help="one label a line, optionally "
                         "label<TAB>threshold|off<TAB>Keyword|Path; replaces the built-in vocabulary")
     parser.add_argument("--batch-size", type=_batch_size, help="'auto' or 1..1024")
@@ -190,7 +189,6 @@ def _tag_targets(args: argparse.Namespace) -> list[Target]:
 
 def cmd_tag(args: argparse.Namespace) -> int:
     from .engine import SiglipTagger
-    from .vocabulary import TagOptions
 
     settings = settings_from_args(args)
     named = input_paths(args)
@@ -206,8 +204,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
                          "already tagged and appends the others")
     targets = _tag_targets(args)
     check_targets(targets, [*paths, settings.labels_file, args.config], force=args.force)
-    options = TagOptions.from_settings(settings)
-    xmp = xmp_sink(args, settings, options)
+    xmp = xmp_sink(args, settings)
     with contextlib.ExitStack() as stack:
         for target in targets:  # one writer per appended output: a second run is refused, naming this one's PID
             if target.kind != "report":  # a report is written whole at the end: the last run's wins
@@ -255,8 +252,9 @@ def cmd_tag(args: argparse.Namespace) -> int:
         if args.report:
             from .report import ReportSink
 
-            sinks.append(ReportSink(tagger, Path(args.report), threshold=settings.confidence_threshold))
-        failed = run_tagging(tagger, paths, sinks + ([xmp] if xmp else []), quiet=args.quiet, options=options)
+            sinks.append(ReportSink(tagger, Path(args.report), threshold=settings.options.confidence_threshold))
+        failed = run_tagging(tagger, paths, sinks + ([xmp] if xmp else []), quiet=args.quiet,
+                             options=settings.options)
     if failed:
         log.warning("%d of %d images failed; their errors are in the output", failed, len(paths))
     sidecars_failed = sidecars is not None and bool(sidecars.failed or sidecars.clashes)
@@ -279,7 +277,7 @@ def ray_tagger(args: argparse.Namespace, settings: Settings) -> RayTagger:
     return RayTagger(settings, address=args.ray_address, actors=args.actors, verbose=args.verbose)
 
 
-def xmp_sink(args: argparse.Namespace, settings: Settings, options: TagOptions) -> XmpSink | None:
+def xmp_sink(args: argparse.Namespace, settings: Settings) -> XmpSink | None:
     """The XMP sidecar output `--xmp` / `--xmp-dir DIR` ask for, or None."""
     if not (args.xmp or args.xmp_dir):
         return None
@@ -287,8 +285,8 @@ def xmp_sink(args: argparse.Namespace, settings: Settings, options: TagOptions) 
 
     if args.xmp_dir and os.path.exists(args.xmp_dir) and not os.path.isdir(args.xmp_dir):
         raise UsageError(f"--xmp-dir {args.xmp_dir!r} is not a folder")
-    return XmpSink(options, model=settings.model, root=settings.xmp_root, limit=settings.xmp_max_keywords,
-                   xmp_dir=args.xmp_dir)
+    return XmpSink(settings.options, model=settings.model_settings.model, root=settings.xmp_root,
+                   limit=settings.xmp_max_keywords, xmp_dir=args.xmp_dir)
 
 
 def run_tagging(tagger: Any, paths: list[str], sinks: list[Sink], *, quiet: bool = False,
@@ -348,7 +346,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .planner import plan
     from .simulate import parse_simulation
 
-    settings = settings_from_args(args)
+    settings = settings_from_args(args).model_settings
     profile = parse_simulation(args.simulate) if args.simulate else detect()
     info = model_info(settings.model)
     chosen = plan(profile, settings, info)
@@ -395,16 +393,14 @@ def cmd_retag(args: argparse.Namespace) -> int:
     from .engine import SiglipTagger
     from .retag import retag
     from .store import EmbeddingStore
-    from .vocabulary import TagOptions
 
     settings = settings_from_args(args)
     if args.output:
         check_targets([Target(args.output, "results", "-o/--output")],
                       [args.store, settings.labels_file, args.config], force=args.force)
-    options = TagOptions.from_settings(settings)
     store = EmbeddingStore(args.store)
-    records = retag(store, SiglipTagger(settings), options=options)
-    xmp = xmp_sink(args, settings, options)
+    records = retag(store, SiglipTagger(settings.model_settings), settings.options)
+    xmp = xmp_sink(args, settings)
     failed = total = 0
     with contextlib.ExitStack() as stack:
         sinks: list[StreamSink | XmpSink] = [StreamSink(open_output(stack, args.output), args.format)]
@@ -427,7 +423,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .store import EmbeddingStore
 
     store = EmbeddingStore(args.store)
-    for hit in search(store, SiglipTagger(settings_from_args(args)), args.query, args.k):
+    for hit in search(store, SiglipTagger(settings_from_args(args).model_settings), args.query, args.k):
         if args.format == "jsonl":
             print(json_text({"path": hit.path, "score": hit.score}))
         else:
@@ -450,7 +446,7 @@ def _positive_int(text: str) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import FAIL, format_checks, run_checks
 
-    checks = run_checks(settings_from_args(args).model)
+    checks = run_checks(settings_from_args(args).model_settings.model)
     if args.format == "json":
         print_json([dataclasses.asdict(check) for check in checks])
     else:
@@ -555,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--images-root", metavar="DIR",
                         help="folder the records' relative paths start from (default: the current folder, "
                         "as when tagging)")
-    report.add_argument("--threshold", type=float, default=0.01, help="where the slider starts (default 0.01)")
+    report.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help=f"where the slider starts (default {DEFAULT_THRESHOLD})")
     report.add_argument("--labels-file", metavar="FILE", help="the vocabulary the run used: the page starts from "
                         "its per-label thresholds and off switches, and its download keeps all its labels and "
                         "keyword paths")

@@ -3,6 +3,13 @@
 Every problem in a block is collected and reported together, each naming the
 key, the value it got and what is allowed, so a user fixes a config in one
 round trip instead of one error at a time.
+
+A block holds two different things, kept apart once parsed (`Settings.from_mapping`):
+`ModelSettings`, what shapes the loaded model (a tagger is built from them and
+reused while they are equal), and `vocabulary.TagOptions`, what each tagging call
+selects with (labels, per-label and global thresholds, max_tags). The pluggy hook,
+the host adapter, the CLI, Ray and retag all parse a block here and take both
+halves from the result.
 """
 
 from __future__ import annotations
@@ -14,15 +21,13 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .vocabulary import Vocabulary
+    from .vocabulary import TagOptions, Vocabulary
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,11 +46,18 @@ DECODES = ("fast", "exact")
 BACKENDS = ("auto", "torch", "openvino")
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Validated `[plugins.siglip]` settings. Build with `Settings.from_mapping`."""
+DEFAULT_THRESHOLD = 0.01  # SigLIP's sigmoid scores are low: 0.005-0.05 is a sensible range
+DEFAULT_MAX_TAGS = 50
 
-    enabled: bool = True
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What shapes the loaded model: a tagger is built from these and reused while they stay equal.
+
+    The hardware planner reads them (`hardware.plan`); nothing a single call asks
+    for (labels, thresholds, max_tags) is here: that is `vocabulary.TagOptions`.
+    """
+
     model: str = DEFAULT_MODEL
     batch_size: int | Literal["auto"] = "auto"
     attention: str = "auto"
@@ -53,64 +65,83 @@ class Settings:
     quantization: str = "none"
     device: str = "auto"
     backend: str = "auto"
-    confidence_threshold: float = 0.01
-    max_tags: int = 50
     max_num_patches: int = 256
-    labels: tuple[str, ...] | None = None
-    labels_file: str | None = None
     decode: str = "fast"
     text_cache: bool = True
     cache_dir: str | None = None
+
+
+def _default_options() -> TagOptions:
+    from .vocabulary import TagOptions
+
+    return TagOptions()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A validated `[plugins.siglip]` block, split by what each part is for. Build with `Settings.from_mapping`.
+
+    `model_settings` builds the tagger; `options` are what each tagging call
+    selects with; the rest is the plugin switch, where the vocabulary came from
+    and the XMP output. `Settings()` is every default (the built-in vocabulary).
+    """
+
+    model_settings: ModelSettings = field(default_factory=ModelSettings)
+    options: TagOptions = field(default_factory=_default_options)
+    enabled: bool = True
+    labels_file: str | None = None
     xmp_max_keywords: int = 15
     xmp_root: str = "AI"
-    _vocabulary: Vocabulary | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_mapping(cls, block: Mapping[str, Any] | None = None, *,
                      base_dir: str | os.PathLike[str] | None = None) -> Settings:
         """Validate a `[plugins.siglip]` mapping; relative `labels_file` resolves against base_dir."""
+        from .vocabulary import TagOptions
+
         values, problems = _validate(block or {}, base_dir)
         if problems:
             raise ConfigError(problems)
-        settings = cls(**values)
-        object.__setattr__(settings, "_vocabulary", _read_vocabulary(settings))
-        if not settings.label_set:
-            raise ConfigError(f"labels_file = {settings.labels_file!r}: the file holds no labels")
-        return settings
+        vocabulary = _read_vocabulary(values)
+        if not vocabulary:
+            raise ConfigError(f"labels_file = {values.get('labels_file')!r}: the file holds no labels")
+        return cls(ModelSettings(**_pick(values, MODEL_KEYS)), TagOptions(vocabulary, **_pick(values, OPTION_KEYS)),
+                   **_pick(values, _OWN_KEYS))
 
     def replace(self, **changes: Any) -> Settings:
-        """A copy with `changes` applied and validated like a config block."""
+        """A copy with `changes` (TOML keys) applied and validated like a config block."""
         merged = {k: v for k, v in self.to_mapping().items() if k not in _LABEL_KEYS or not
                   (_LABEL_KEYS & changes.keys())}
         merged.update(changes)
         return Settings.from_mapping(merged)
 
     def to_mapping(self) -> dict[str, Any]:
-        """The settings as a TOML-style mapping (what `from_mapping` accepts)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
-        if out["labels"] is not None:
-            out["labels"] = list(out["labels"])
-        return {k: v for k, v in out.items() if v is not None}
+        """The settings as a TOML-style mapping (what `from_mapping` accepts), keys in `KEYS` order."""
+        from .vocabulary import builtin
 
-    def model_key(self) -> tuple[Any, ...]:
-        """The settings that shape the loaded model: a tagger is reused while these stay equal."""
-        return tuple(getattr(self, name) for name in MODEL_KEYS)
+        plain_labels = self.labels_file is None and self.options.vocabulary is not builtin()
+        values = {**dataclasses.asdict(self.model_settings),
+                  **{key: getattr(self.options, key) for key in OPTION_KEYS},
+                  **{key: getattr(self, key) for key in _OWN_KEYS},
+                  "labels": list(self.options.labels) if plain_labels else None}
+        return {key: values[key] for key in KEYS if values[key] is not None}
 
-    @property
-    def vocabulary(self) -> Vocabulary:
-        """The labels to score with their own settings: `labels`, else `labels_file`, else the built-in one."""
-        assert self._vocabulary is not None, "build Settings with Settings.from_mapping"
-        return self._vocabulary
 
-    @property
-    def label_set(self) -> tuple[str, ...]:
-        """The labels to score, in vocabulary order."""
-        return self.vocabulary.labels
+def tagger_parts(settings: ModelSettings | Settings | None) -> tuple[ModelSettings, TagOptions]:
+    """A tagger's model settings and the options for its calls that pass none: a whole config's, else defaults."""
+    if isinstance(settings, Settings):
+        return settings.model_settings, settings.options
+    return settings or ModelSettings(), _default_options()
+
+
+def _pick(values: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {key: values[key] for key in keys if key in values}
 
 
 _LABEL_KEYS = {"labels", "labels_file"}
-MODEL_KEYS = ("model", "batch_size", "attention", "dtype", "quantization", "device", "backend",
-              "max_num_patches", "decode", "text_cache", "cache_dir")
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelSettings))
+OPTION_KEYS = ("confidence_threshold", "max_tags")  # TagOptions' own; the labels keys give its vocabulary
+_OWN_KEYS = tuple(f.name for f in dataclasses.fields(Settings) if f.name not in ("model_settings", "options"))
 
 
 def settings_from_host_config(config: Mapping[str, Any] | None,
@@ -134,17 +165,22 @@ def plugin_block(config: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return block
 
 
+def read_toml(path: Path, name: str = "config file") -> dict[str, Any]:
+    """A TOML file's tables; every way it can fail is a ConfigError naming the file as `name`."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{name} {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {name} {str(path)!r}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{name} {str(path)!r} is not valid TOML: {exc}") from None
+
+
 def load_settings(path: str | os.PathLike[str]) -> Settings:
     """Settings from the `[plugins.siglip]` block of a TOML file (the whole file if it has no [plugins])."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    data = read_toml(path)
     block = plugin_block(data) if "plugins" in data else data
     return Settings.from_mapping(block, base_dir=path.parent)
 
@@ -173,31 +209,23 @@ def parse_label_lines(text: str) -> tuple[str, ...]:
 
 def builtin_vocabulary() -> tuple[str, ...]:
     """The labels of the curated built-in vocabulary shipped in `data/vocabulary.txt`."""
-    return _builtin().labels
+    from .vocabulary import builtin
+
+    return builtin().labels
 
 
-@lru_cache(maxsize=1)
-def _builtin() -> Vocabulary:
-    from .vocabulary import parse_vocabulary
+def _read_vocabulary(values: Mapping[str, Any]) -> Vocabulary:
+    """The vocabulary validated `values` name: `labels`, else `labels_file`, else the built-in one."""
+    from .vocabulary import Vocabulary, builtin, read_vocabulary
 
-    text = resources.files("visual_buffet_siglip").joinpath("data/vocabulary.txt").read_text("utf-8")
-    return parse_vocabulary(text, "the built-in vocabulary (data/vocabulary.txt)")
-
-
-def _read_vocabulary(settings: Settings) -> Vocabulary:
-    from .vocabulary import Vocabulary, read_vocabulary
-
-    if settings.labels is not None:
-        return Vocabulary.from_labels(settings.labels)
-    if settings.labels_file is not None:
-        return read_vocabulary(settings.labels_file)
-    return _builtin()
+    if "labels" in values:
+        return Vocabulary.from_labels(values["labels"])
+    if "labels_file" in values:
+        return read_vocabulary(values["labels_file"])
+    return builtin()
 
 
 # --- validation -----------------------------------------------------------------------------
-
-KEYS = tuple(f.name for f in dataclasses.fields(Settings) if not f.name.startswith("_"))
-
 
 def _describe(value: Any) -> str:
     text = repr(value)
@@ -317,6 +345,8 @@ _CHECKS = {
     "xmp_root": _check_keyword_root,
 }
 
+KEYS = tuple(_CHECKS)  # every key of the block, in the order messages list them
+
 # Keys people write from other tools' configs (the host's own names among them).
 ALIASES = {"threshold": "confidence_threshold", "min_confidence": "confidence_threshold",
            "limit": "max_tags", "vocabulary": "labels_file", "max_keywords": "xmp_max_keywords"}
@@ -374,11 +404,6 @@ def _labels_file_problem(path: Path) -> str | None:
     return None
 
 
-def default_settings() -> Settings:
-    """Settings with every default (built-in vocabulary)."""
-    return Settings.from_mapping({})
-
-
-__all__ = ["ConfigError", "Settings", "load_settings", "settings_from_host_config", "plugin_block",
+__all__ = ["ConfigError", "Settings", "ModelSettings", "load_settings", "settings_from_host_config", "plugin_block",
            "normalize_label", "normalize_labels", "builtin_vocabulary", "TEMPLATE", "MAX_LENGTH",
-           "DEFAULT_MODEL", "KEYS", "default_settings"]
+           "DEFAULT_MODEL", "DEFAULT_THRESHOLD", "tagger_parts", "DEFAULT_MAX_TAGS", "KEYS", "read_toml"]

@@ -12,6 +12,7 @@ Ray is an optional extra: importing this module does not import it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -19,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .config import Settings
+from .config import ModelSettings, Settings, tagger_parts
 from .errors import ConfigError, ModelLoadError, UsageError
 from .images import describe
 from .records import Record, error_record
@@ -149,13 +150,13 @@ class TagBatches:
 
     def __init__(self, settings: Mapping[str, Any], embeddings: bool = False, vocabulary: str | None = None):
         from .engine import SiglipTagger
-        from .vocabulary import TagOptions, parse_vocabulary
+        from .vocabulary import parse_vocabulary
 
-        self.tagger = SiglipTagger(Settings.from_mapping(settings))
-        self.options = TagOptions.from_settings(self.tagger.settings)
+        parsed = Settings.from_mapping(settings)
+        self.tagger = SiglipTagger(parsed.model_settings)
+        self.options = parsed.options
         if vocabulary is not None:  # the labels' own thresholds and keyword paths travel as vocabulary text
-            self.options = TagOptions(parse_vocabulary(vocabulary), self.options.confidence_threshold,
-                                      self.options.max_tags)
+            self.options = dataclasses.replace(self.options, vocabulary=parse_vocabulary(vocabulary))
         self.tagger.embed_texts(self.options.labels)  # loads the model, encodes (or reads) the labels
         self.embeddings = embeddings
 
@@ -252,7 +253,7 @@ def actor_settings(settings: Settings) -> dict[str, Any]:
     """
     mapping = settings.to_mapping()
     mapping.pop("labels_file", None)
-    mapping["labels"] = list(settings.label_set)
+    mapping["labels"] = list(settings.options.labels)
     if mapping["device"].startswith("cuda:"):
         mapping["device"] = "cuda"
     return mapping
@@ -271,19 +272,19 @@ def tag_dataset(dataset: ray.data.Dataset, settings: Settings | Mapping[str, Any
     Actor count and resources come from `plan_actors` unless given. `options`
     (default: the settings') select the tags, exactly as a local run would.
     """
-    from .vocabulary import TagOptions, format_vocabulary
+    from .vocabulary import format_vocabulary
 
     ray = import_ray()
     if not isinstance(settings, Settings):
         settings = Settings.from_mapping(settings or {})
     if options is None:
-        options = TagOptions.from_settings(settings)
+        options = settings.options
     mapping = {**actor_settings(settings), "labels": list(options.labels),
                "confidence_threshold": options.confidence_threshold, "max_tags": options.max_tags}
     if not ray.is_initialized():
         ray.init()
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    shape = plan_actors(nodes, settings.device, actors=actors, num_cpus=num_cpus, num_gpus=num_gpus)
+    shape = plan_actors(nodes, settings.model_settings.device, actors=actors, num_cpus=num_cpus, num_gpus=num_gpus)
     log.info("Ray: %d actor(s), %g CPU and %g GPU each (%s)", shape.actors, shape.num_cpus, shape.num_gpus,
              "; ".join(f"{k}: {v}" for k, v in shape.reasons.items()))
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
@@ -306,10 +307,11 @@ class RayTagger:
     instance unless RAY_ADDRESS names a cluster) and disconnects in `close`.
     """
 
-    def __init__(self, settings: Settings, *, address: str | None = None, actors: int | None = None,
+    def __init__(self, settings: ModelSettings | Settings, *, address: str | None = None, actors: int | None = None,
                  verbose: bool = False):
         self._ray = import_ray()
-        self.settings, self.address, self.actors, self.verbose = settings, address, actors, verbose
+        self.settings, self.default_options = tagger_parts(settings)
+        self.address, self.actors, self.verbose = address, actors, verbose
         self._started = False
 
     def __enter__(self) -> RayTagger:
@@ -335,19 +337,18 @@ class RayTagger:
                  logging_level=logging.INFO if self.verbose else logging.WARNING)
         self._started = True
 
-    def iter_tag(self, images: Sequence[str], *, labels: Sequence[str] | None = None,
-                 threshold: float | None = None, max_tags: int | None = None, options: TagOptions | None = None
+    def iter_tag(self, images: Sequence[str], options: TagOptions | None = None, *,
+                 labels: Sequence[str] | None = None, threshold: float | None = None, max_tags: int | None = None
                  ) -> Iterator[tuple[ImageEmbedding, Record]]:
         """(embedding, result record) per image path, in input order, as `SiglipTagger.iter_tag` gives them."""
         from .engine import ImageEmbedding
-        from .vocabulary import TagOptions
 
         if options is None:
-            options = TagOptions.from_settings(self.settings, labels=labels, threshold=threshold, max_tags=max_tags)
+            options = self.default_options.override(labels=labels, threshold=threshold, max_tags=max_tags)
         self._connect()
         dataset = self._ray.data.from_items([{"index": i, "path": os.fsencode(os.path.abspath(p))}
                                              for i, p in enumerate(images)])
-        results = tag_dataset(dataset, self.settings, actors=self.actors, embeddings=True, options=options)
+        results = tag_dataset(dataset, Settings(self.settings, options), actors=self.actors, embeddings=True)
         try:
             for row in in_input_order(results.iter_rows()):
                 name = images[row["index"]]

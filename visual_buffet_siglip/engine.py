@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import MAX_LENGTH, TEMPLATE, Settings, default_settings, normalize_label
+from .config import MAX_LENGTH, TEMPLATE, ModelSettings, Settings, normalize_label, tagger_parts
 from .errors import ImageError, ImagePreprocessError, NonFiniteScoreError
 from .hardware import HardwareProfile, cpu_cores, detect
 from .images import ImageSource, describe, load_image
@@ -151,10 +151,16 @@ class _Scorer:
 
 
 class SiglipTagger:
-    """Tags images with a SigLIP model. Thread-safe; the model loads on first use."""
+    """Tags images with a SigLIP model. Thread-safe; the model loads on first use.
 
-    def __init__(self, settings: Settings | None = None, *, profile: HardwareProfile | None = None):
-        self.settings = settings or default_settings()
+    Built from `ModelSettings` (what shapes the model); which tags a call keeps is
+    that call's `TagOptions`. A whole config's `Settings` may be given instead: its
+    options then serve the calls that pass none (otherwise `TagOptions()` does).
+    """
+
+    def __init__(self, settings: ModelSettings | Settings | None = None, *,
+                 profile: HardwareProfile | None = None):
+        self.settings, self.default_options = tagger_parts(settings)
         self._profile = profile
         self._loaded: LoadedModel | None = None
         self._load_lock = threading.Lock()
@@ -439,16 +445,16 @@ class SiglipTagger:
     # --- tagging ---------------------------------------------------------------------------
     def options(self, *, labels: Sequence[str] | None = None, threshold: float | None = None,
                 max_tags: int | None = None) -> TagOptions:
-        """This tagger's settings as per-call tag options: plain `labels` replace the vocabulary."""
-        return TagOptions.from_settings(self.settings, labels=labels, threshold=threshold, max_tags=max_tags)
+        """`default_options` with these shorthands applied (`TagOptions.override`)."""
+        return self.default_options.override(labels=labels, threshold=threshold, max_tags=max_tags)
 
-    def iter_tag(self, images: Iterable[ImageSource], *, labels: Sequence[str] | None = None,
-                 threshold: float | None = None, max_tags: int | None = None, options: TagOptions | None = None
+    def iter_tag(self, images: Iterable[ImageSource], options: TagOptions | None = None, *,
+                 labels: Sequence[str] | None = None, threshold: float | None = None, max_tags: int | None = None
                  ) -> Iterator[tuple[ImageEmbedding, Record]]:
         """(embedding, result record) per image, streamed in input order.
 
-        `options` says which tags to keep (default: the settings'); `labels`,
-        `threshold` and `max_tags` are shorthands that build them. Each embedding
+        `options` say which tags to keep; without them, `labels`, `threshold` and
+        `max_tags` are shorthands applied to `default_options`. Each embedding
         keeps the image's scores for the options' labels (`ImageEmbedding.scores`).
         """
         if options is None:
@@ -496,9 +502,13 @@ class SiglipTagger:
             "inference_time_ms": round(item.elapsed_ms, 3),
         }
 
-    def tag(self, images: Iterable[ImageSource], **kwargs: Any) -> list[Record]:
-        """One result record per image, in input order: tags, model, version and time, or `tags: []` and the error."""
-        return [record for _, record in self.iter_tag(images, **kwargs)]
+    def tag(self, images: Iterable[ImageSource], options: TagOptions | None = None,
+            **shorthands: Any) -> list[Record]:
+        """One result record per image, in input order: tags, model, version and time, or `tags: []` and the error.
+
+        Arguments as `iter_tag`'s.
+        """
+        return [record for _, record in self.iter_tag(images, options, **shorthands)]
 
 
 class _TextProgress:

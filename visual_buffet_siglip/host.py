@@ -6,8 +6,8 @@ else in the package imports it.
 
 The host calls `configure(**settings)` before every image. Identical settings cost
 a comparison; threshold, limit and label changes reuse the loaded model and the
-per-label embedding cache; only a change to a setting in `Settings.model_key()`
-loads a model (`plugin.tagger_for` keeps one tagger per model key). Images are
+per-label embedding cache (they are the call's `TagOptions`); only a change to the
+`ModelSettings` loads a model (`plugin.tagger_for` keeps one tagger per value). Images are
 embedded in batches the host cannot ask for (`readahead`): that, and the label
 cache, keep the one-image-at-a-time interface close to our batched speed.
 """
@@ -28,11 +28,11 @@ from visual_buffet.plugins.base import PluginBase
 from visual_buffet.plugins.schemas import PluginInfo, Tag, TagResult
 
 from . import __version__
-from .config import KEYS, PLUGIN_NAME, ConfigError, Settings, normalize_labels, plugin_block, tomllib
-from .plugin import DESCRIPTION, HARDWARE, RECOMMENDED_THRESHOLD, tagger_for
+from .config import (DEFAULT_THRESHOLD, KEYS, PLUGIN_NAME, ConfigError, Settings, normalize_labels, plugin_block,
+                     read_toml)
+from .plugin import DESCRIPTION, HARDWARE, tagger_for
 from .readahead import ImageReadAhead
 from .records import TagDict
-from .vocabulary import TagOptions
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ MODEL_VARIANTS = {
 HOST_ALIASES = {"threshold": "confidence_threshold", "limit": "max_tags", "model_variant": "model",
                 "custom_vocabulary": "labels"}
 DISCOVERY_MODE = "discovery_mode"
-_DEFAULTS = Settings()
+_DEFAULTS = Settings().to_mapping()  # what a twin yields to when it holds it
 
 
 def host_config_path() -> Path:
@@ -70,12 +70,7 @@ def read_host_block(path: Path) -> Mapping[str, Any]:
             raise ConfigError(f"{CONFIG_ENV} = {str(path)!r}: no such file; point it at the Visual Buffet "
                               "config file or unset it")
         return {}
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the Visual Buffet config {str(path)!r}: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"the Visual Buffet config {str(path)!r} is not valid TOML: {exc}") from None
+    data = read_toml(path, "the Visual Buffet config")
     try:
         return plugin_block(data)
     except ConfigError as exc:
@@ -101,7 +96,7 @@ def translate(values: Mapping[str, Any], source: str) -> tuple[dict[str, Any], d
         elif key in HOST_ALIASES:
             ours, mapped = HOST_ALIASES[key], _convert(key, value, source)
             if mapped is None or (ours in values and values[ours] != mapped
-                                  and mapped == getattr(_DEFAULTS, ours)):
+                                  and mapped == _DEFAULTS.get(ours)):
                 continue
             changes[ours] = mapped
             if ours == "labels":
@@ -189,7 +184,7 @@ class SiglipPlugin(PluginBase):
     def get_info(self) -> PluginInfo:
         return PluginInfo(name=PLUGIN_NAME, version=__version__, description=DESCRIPTION,
                           hardware_reqs=dict(HARDWARE), provides_confidence=True,
-                          recommended_threshold=RECOMMENDED_THRESHOLD)
+                          recommended_threshold=DEFAULT_THRESHOLD)
 
     def is_available(self) -> bool:
         """torch and transformers can be imported (checked without importing them)."""
@@ -199,7 +194,7 @@ class SiglipPlugin(PluginBase):
         """Load the model and embed the label set now, so the first image does not pay for it."""
         try:
             settings = self.settings
-            tagger_for(settings).embed_texts(settings.label_set)
+            tagger_for(settings.model_settings).embed_texts(settings.options.labels)
         except Exception as exc:  # the host wants False and a reason, not an exception
             log.error("siglip: setup failed: %s", exc)
             log.debug("siglip setup failure", exc_info=True)
@@ -211,18 +206,20 @@ class SiglipPlugin(PluginBase):
         start = time.perf_counter()
         settings = self.settings
         if not settings.enabled:
-            return self._result([], settings.model, start, {"skipped": "enabled = false in [plugins.siglip]"})
-        labels, metadata = settings.label_set, {}
+            return self._result([], settings.model_settings.model, start,
+                                {"skipped": "enabled = false in [plugins.siglip]"})
+        options = settings.options
+        labels, metadata = options.labels, {}
         if self._switches.get(DISCOVERY_MODE) and self._helpers:
             candidates, metadata["discovery"] = self._candidates(image_path)
             labels = normalize_labels((*labels, *candidates))
-        tagger = tagger_for(settings)
-        record = tagger.record(self._images.embedding(tagger, image_path), tagger.embed_texts(labels),
-                               TagOptions.from_settings(settings), labels)
+        tagger = tagger_for(settings.model_settings)
+        record = tagger.record(self._images.embedding(tagger, image_path), tagger.embed_texts(labels), options,
+                               labels)
         if "error" in record:
             log.warning("siglip: %s", record["error"]["message"])
             metadata["error"] = dict(record["error"])
-        return self._result(record["tags"], settings.model, start, metadata)
+        return self._result(record["tags"], tagger.settings.model, start, metadata)
 
     def _candidates(self, image_path: str | os.PathLike[str]) -> tuple[tuple[str, ...], dict[str, Any]]:
         """Normalised, de-duplicated candidate labels from the enabled discovery plugins."""

@@ -22,7 +22,7 @@ from .plan import HALF, PLAN_KEYS, Plan
 from .sizing import Choice, Sizing, Target, size_batches
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from .config import ModelSettings as Settings  # the planner reads only what shapes the model
 
 BNB_CPU_PACKED = (0, 49)  # bitsandbytes' fused AVX512-BF16 4-bit CPU kernel (PR #1804)
 

@@ -1,9 +1,10 @@
 """Thin pluggy hookimpls. Importing this module is cheap: no torch, no model.
 
-Taggers are created on first use and reused while the settings that shape the
-model stay the same; threshold, max_tags and labels changes reuse one as is. The
-last few model settings used keep their tagger (least recently used dropped
-first), so a host alternating between two models does not reload on every call.
+Taggers are created on first use from a block's `ModelSettings` and reused while
+those stay equal; each call passes the block's `TagOptions` (labels, thresholds,
+max_tags), so changing them reuses a tagger as is. The last few model settings
+used keep their tagger (least recently used dropped first), so a host alternating
+between two models does not reload on every call.
 """
 
 from __future__ import annotations
@@ -14,40 +15,38 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .config import (DEFAULT_MODEL, PLUGIN_NAME, ConfigError, Settings, plugin_block,
+from .config import (DEFAULT_THRESHOLD, PLUGIN_NAME, ConfigError, ModelSettings, Settings, plugin_block,
                      settings_from_host_config)
 from .hookspecs import hookimpl
 
 if TYPE_CHECKING:
     from .engine import SiglipTagger
 
-RECOMMENDED_THRESHOLD = 0.01
 HARDWARE = {"gpu_recommended": True, "gpu_required": False, "min_ram_gb": 4, "min_vram_gb": 2}
 DESCRIPTION = "SigLIP / SigLIP 2 zero-shot image tagging with calibrated sigmoid confidences"
 
 TAGGERS_KEPT = 3  # models held at once: each one is its full weights in memory
 
 _lock = threading.Lock()
-_taggers: OrderedDict[tuple[Any, ...], SiglipTagger] = OrderedDict()
+_taggers: OrderedDict[ModelSettings, SiglipTagger] = OrderedDict()
 
 
-def tagger_for(settings: Settings) -> SiglipTagger:
-    """The shared tagger for `settings`' model key, from a small LRU cache.
+def tagger_for(settings: ModelSettings) -> SiglipTagger:
+    """The shared tagger for these model settings, from a small LRU cache keyed by them.
 
     Creating a tagger is cheap (the model loads on first use, serialised process-wide
     by models.load); the least recently used one is dropped, and its model freed once
     no call still holds it.
     """
-    key = settings.model_key()
     with _lock:
-        tagger = _taggers.get(key)
+        tagger = _taggers.get(settings)
         if tagger is None:
             from .engine import SiglipTagger
 
-            tagger = _taggers[key] = SiglipTagger(settings)
+            tagger = _taggers[settings] = SiglipTagger(settings)
             while len(_taggers) > TAGGERS_KEPT:
                 _taggers.popitem(last=False)
-        _taggers.move_to_end(key)
+        _taggers.move_to_end(settings)
         return tagger
 
 
@@ -58,9 +57,9 @@ def visual_buffet_plugin_info() -> dict[str, Any]:
         "version": __version__,
         "description": DESCRIPTION,
         "provides_confidence": True,
-        "recommended_threshold": RECOMMENDED_THRESHOLD,
+        "recommended_threshold": DEFAULT_THRESHOLD,
         "hardware": dict(HARDWARE),
-        "defaults": {"model": DEFAULT_MODEL, **{k: v for k, v in Settings().to_mapping().items() if k != "model"}},
+        "defaults": Settings().to_mapping(),
     }
 
 
@@ -78,9 +77,7 @@ def visual_buffet_tag(images: Sequence[str], config: Mapping[str, Any]) -> dict[
     settings = settings_from_host_config(config)
     if not settings.enabled:
         return None
-    from .vocabulary import TagOptions
-
-    results = tagger_for(settings).tag(list(images), options=TagOptions.from_settings(settings))
+    results = tagger_for(settings.model_settings).tag(list(images), settings.options)
     return {"plugin": PLUGIN_NAME, "results": results}
 
 

@@ -34,16 +34,16 @@ class Hit:
     score: float
 
 
-def retag(store: EmbeddingStore, tagger: SiglipTagger, *, labels: Sequence[str] | None = None,
-          threshold: float | None = None, max_tags: int | None = None, options: TagOptions | None = None
+def retag(store: EmbeddingStore, tagger: SiglipTagger, options: TagOptions | None = None, *,
+          labels: Sequence[str] | None = None, threshold: float | None = None, max_tags: int | None = None
           ) -> Iterator[tuple[str, Record]]:
     """(path, record) for every stored image, in store order, as `tag` would give them with these options.
 
-    `options` default to the tagger's settings (its vocabulary with per-label
-    thresholds); `labels`, `threshold` and `max_tags` are shorthands that build
-    them. Images that failed when tagged stay error records. `inference_time_ms`
-    is the original run's, the cost of the vision pass the record stands for. The
-    store is checked against the tagger here, before the first record is asked for.
+    Without `options`, `labels`, `threshold` and `max_tags` are shorthands applied
+    to the tagger's `default_options`, as in `SiglipTagger.iter_tag`. Images that
+    failed when tagged stay error records. `inference_time_ms` is the original
+    run's, the cost of the vision pass the record stands for. The store is
+    checked against the tagger here, before the first record is asked for.
     """
     check_compatible(store, tagger)
     if options is None:

@@ -18,7 +18,7 @@ from .memory import GIB, HEADROOM, MemoryEstimate, fits, min_memory_gb, predict,
 from .modelfacts import REGISTRY, SIZE_ORDER, VISION_PARAMS_M, ModelInfo
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from .config import ModelSettings as Settings  # the planner reads only what shapes the model
 
 MAX_BATCH = 1024  # the largest batch_size the settings accept
 

@@ -46,7 +46,7 @@ from .outputs import path_key
 from .records import ErrorDict, Record
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from .config import ModelSettings
     from .engine import ImageEmbedding, SiglipTagger
 
 log = logging.getLogger(__name__)
@@ -443,7 +443,7 @@ def check_compatible(store: EmbeddingStore, tagger: SiglipTagger) -> None:
                          + "; these settings change the embeddings, so results would not equal a fresh run")
 
 
-def _revision_of(settings: Settings) -> str | None:
+def _revision_of(settings: ModelSettings) -> str | None:
     """The configured model's fingerprint, from its files before the model loads; None when it is not available.
 
     Finding the files may download an uncached hub model first (`resolve_source`).

@@ -25,18 +25,19 @@ import os
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from importlib import resources
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import ConfigError, normalize_label
+from .config import DEFAULT_MAX_TAGS, DEFAULT_THRESHOLD, ConfigError, normalize_label
 
 if TYPE_CHECKING:
-    from .config import Settings
     from .records import TagDict
 
 __all__ = ["OFF", "MAX_FILE_BYTES", "MAX_LINE_CHARS", "VocabularyEntry", "Vocabulary", "TagOptions",
-           "parse_vocabulary", "read_vocabulary", "format_vocabulary", "select"]
+           "parse_vocabulary", "read_vocabulary", "format_vocabulary", "builtin", "select"]
 
 OFF = "off"
 PATH_SEPARATOR = "|"
@@ -208,24 +209,36 @@ def format_vocabulary(vocabulary: Vocabulary | Iterable[VocabularyEntry], header
     return "\n".join(lines) + "\n"
 
 
+@lru_cache(maxsize=1)
+def builtin() -> Vocabulary:
+    """The curated built-in vocabulary shipped in `data/vocabulary.txt` (read once)."""
+    text = resources.files("visual_buffet_siglip").joinpath("data/vocabulary.txt").read_text("utf-8")
+    return parse_vocabulary(text, "the built-in vocabulary (data/vocabulary.txt)")
+
+
 # --- selection --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class TagOptions:
-    """What one tagging call selects: the vocabulary (labels, per-label settings), global threshold, cap."""
+    """What one tagging call selects: the vocabulary (labels, per-label settings), global threshold, cap.
 
-    vocabulary: Vocabulary
-    confidence_threshold: float = 0.01
-    max_tags: int = 50
+    `TagOptions()` is the defaults: the built-in vocabulary, `DEFAULT_THRESHOLD`,
+    `DEFAULT_MAX_TAGS`. A config block's are `Settings.from_mapping(...).options`.
+    """
+
+    vocabulary: Vocabulary = field(default_factory=builtin)
+    confidence_threshold: float = DEFAULT_THRESHOLD
+    max_tags: int = DEFAULT_MAX_TAGS
     _cut: dict[tuple[str, ...], np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    @classmethod
-    def from_settings(cls, settings: Settings, *, labels: Sequence[str] | None = None,
-                      threshold: float | None = None, max_tags: int | None = None) -> TagOptions:
-        """The settings' vocabulary and limits; `labels` (plain) replace the vocabulary, the others override."""
-        vocabulary = settings.vocabulary if labels is None else Vocabulary.from_labels(labels)
-        return cls(vocabulary, settings.confidence_threshold if threshold is None else float(threshold),
-                   settings.max_tags if max_tags is None else int(max_tags))
+    def override(self, *, labels: Sequence[str] | None = None, threshold: float | None = None,
+                 max_tags: int | None = None) -> TagOptions:
+        """These options with plain `labels` replacing the vocabulary and the others replacing their own."""
+        if labels is None and threshold is None and max_tags is None:
+            return self
+        return TagOptions(self.vocabulary if labels is None else Vocabulary.from_labels(labels),
+                          self.confidence_threshold if threshold is None else float(threshold),
+                          self.max_tags if max_tags is None else int(max_tags))
 
     @property
     def labels(self) -> tuple[str, ...]:
