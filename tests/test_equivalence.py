@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import LABELS, make_settings, reference_scores
 
-from visual_buffet_siglip.config import normalize_labels
+from visual_buffet_siglip.vocabulary import normalize_labels
 from visual_buffet_siglip.engine import SiglipTagger
 
 

@@ -14,7 +14,8 @@ from conftest import LABELS, make_image, make_settings, reference_scores
 from test_equivalence import scores_from_tags, tags_only
 
 from visual_buffet_siglip import openvino_backend
-from visual_buffet_siglip.config import ConfigError, Settings, normalize_labels
+from visual_buffet_siglip.config import ConfigError, Settings
+from visual_buffet_siglip.vocabulary import normalize_labels
 from visual_buffet_siglip.engine import SiglipTagger
 from visual_buffet_siglip.hardware import CpuInfo, CudaDevice, HardwareProfile
 from visual_buffet_siglip.models import model_info

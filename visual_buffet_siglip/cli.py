@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from . import __version__
-from .config import DEFAULT_MAX_TAGS, DEFAULT_THRESHOLD, Settings, load_settings
+from .config import Settings, load_settings
+from .vocabulary import DEFAULT_MAX_TAGS, DEFAULT_THRESHOLD
 from .errors import ConfigError, InUseError, ModelLoadError, StoreError, UsageError
 from .fileio import ReplacingOutput, replaced_at_end
 from .images import IMAGE_SUFFIXES

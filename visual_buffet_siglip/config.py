@@ -22,19 +22,16 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from .vocabulary import TagOptions, Vocabulary
+from .errors import PLUGIN_NAME, ConfigError
+from .vocabulary import TagOptions, Vocabulary, builtin, file_kind, normalize_labels, parse_vocabulary, read_vocabulary
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-PLUGIN_NAME = "siglip"
 DEFAULT_MODEL = "google/siglip2-so400m-patch14-384"
 TEMPLATE = "This is a photo of {label}."
 MAX_LENGTH = 64
@@ -46,8 +43,6 @@ DECODES = ("fast", "exact")
 BACKENDS = ("auto", "torch", "openvino")
 
 
-DEFAULT_THRESHOLD = 0.01  # SigLIP's sigmoid scores are low: 0.005-0.05 is a sensible range
-DEFAULT_MAX_TAGS = 50
 
 
 @dataclass(frozen=True)
@@ -72,7 +67,6 @@ class ModelSettings:
 
 
 def _default_options() -> TagOptions:
-    from .vocabulary import TagOptions
 
     return TagOptions()
 
@@ -97,7 +91,6 @@ class Settings:
     def from_mapping(cls, block: Mapping[str, Any] | None = None, *,
                      base_dir: str | os.PathLike[str] | None = None) -> Settings:
         """Validate a `[plugins.siglip]` mapping; relative `labels_file` resolves against base_dir."""
-        from .vocabulary import TagOptions
 
         values, problems = _validate(block or {}, base_dir)
         if problems:
@@ -117,7 +110,6 @@ class Settings:
 
     def to_mapping(self) -> dict[str, Any]:
         """The settings as a TOML-style mapping (what `from_mapping` accepts), keys in `KEYS` order."""
-        from .vocabulary import builtin
 
         plain_labels = self.labels_file is None and self.options.vocabulary is not builtin()
         values = {**dataclasses.asdict(self.model_settings),
@@ -185,38 +177,22 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
     return Settings.from_mapping(block, base_dir=path.parent)
 
 
-def normalize_label(label: str) -> str:
-    """Strip, collapse whitespace and lowercase: how every label is keyed and shown."""
-    return " ".join(label.split()).lower()
-
-
-def normalize_labels(labels: Any) -> tuple[str, ...]:
-    """Normalised, de-duplicated labels in first-seen order; empty ones dropped."""
-    seen: dict[str, None] = {}
-    for label in labels:
-        norm = normalize_label(label)
-        if norm:
-            seen.setdefault(norm, None)
-    return tuple(seen)
 
 
 def parse_label_lines(text: str) -> tuple[str, ...]:
     """The labels of a labels file's text (the vocabulary format: per-label columns are read and dropped)."""
-    from .vocabulary import parse_vocabulary
 
     return parse_vocabulary(text).labels
 
 
 def builtin_vocabulary() -> tuple[str, ...]:
     """The labels of the curated built-in vocabulary shipped in `data/vocabulary.txt`."""
-    from .vocabulary import builtin
 
     return builtin().labels
 
 
 def _read_vocabulary(values: Mapping[str, Any]) -> Vocabulary:
     """The vocabulary validated `values` name: `labels`, else `labels_file`, else the built-in one."""
-    from .vocabulary import Vocabulary, builtin, read_vocabulary
 
     if "labels" in values:
         return Vocabulary.from_labels(values["labels"])
@@ -391,7 +367,6 @@ def _validate(block: Mapping[Any, Any], base_dir: str | os.PathLike[str] | None
 
 def _labels_file_problem(path: Path) -> str | None:
     """Why `path` cannot be a labels file (a missing file, a folder, a device...), or None."""
-    from .vocabulary import file_kind
 
     try:
         kind = file_kind(path.stat().st_mode)
@@ -405,5 +380,5 @@ def _labels_file_problem(path: Path) -> str | None:
 
 
 __all__ = ["ConfigError", "Settings", "ModelSettings", "load_settings", "settings_from_host_config", "plugin_block",
-           "normalize_label", "normalize_labels", "builtin_vocabulary", "TEMPLATE", "MAX_LENGTH",
-           "DEFAULT_MODEL", "DEFAULT_THRESHOLD", "tagger_parts", "DEFAULT_MAX_TAGS", "KEYS", "read_toml"]
+           "builtin_vocabulary", "TEMPLATE", "MAX_LENGTH",
+           "DEFAULT_MODEL", "tagger_parts", "KEYS", "read_toml"]

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import MAX_LENGTH, TEMPLATE, ModelSettings, Settings, normalize_label, tagger_parts
+from .config import MAX_LENGTH, TEMPLATE, ModelSettings, Settings, tagger_parts
+from .vocabulary import normalize_label
 from .errors import ImageError, ImagePreprocessError, NonFiniteScoreError
 from .hardware import HardwareProfile, cpu_cores, detect
 from .images import ImageSource, describe, load_image

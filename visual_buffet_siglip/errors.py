@@ -23,6 +23,9 @@ __all__ = ["UsageError", "ConfigError", "ModelLoadError", "StoreError", "InUseEr
            "XmpError"]
 
 
+PLUGIN_NAME = "siglip"  # the host section, [plugins.siglip], that configuration errors name
+
+
 # --- a run that cannot go on as asked -------------------------------------------------------------
 
 class UsageError(Exception):
@@ -33,8 +36,6 @@ class ConfigError(ValueError):
     """Invalid settings; `problems` lists every one found, each a full sentence."""
 
     def __init__(self, problems: list[str] | str):
-        from .config import PLUGIN_NAME  # config raises this class, so it imports this module first
-
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("; ".join(self.problems) if len(self.problems) < 2 else (
             f"{len(self.problems)} problems in [plugins.{PLUGIN_NAME}]:\n  - "

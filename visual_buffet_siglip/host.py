@@ -28,8 +28,8 @@ from visual_buffet.plugins.base import PluginBase
 from visual_buffet.plugins.schemas import PluginInfo, Tag, TagResult
 
 from . import __version__
-from .config import (DEFAULT_THRESHOLD, KEYS, PLUGIN_NAME, ConfigError, Settings, normalize_labels, plugin_block,
-                     read_toml)
+from .config import KEYS, PLUGIN_NAME, ConfigError, Settings, plugin_block, read_toml
+from .vocabulary import DEFAULT_THRESHOLD, normalize_labels
 from .plugin import DESCRIPTION, HARDWARE, tagger_for
 from .readahead import ImageReadAhead
 from .records import TagDict

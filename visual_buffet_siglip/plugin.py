@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .config import (DEFAULT_THRESHOLD, PLUGIN_NAME, ConfigError, ModelSettings, Settings, plugin_block,
-                     settings_from_host_config)
+from .config import PLUGIN_NAME, ConfigError, ModelSettings, Settings, plugin_block, settings_from_host_config
+from .vocabulary import DEFAULT_THRESHOLD
 from .hookspecs import hookimpl
 
 if TYPE_CHECKING:

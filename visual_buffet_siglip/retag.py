@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import normalize_label
+from .vocabulary import normalize_label
 from .engine import ImageEmbedding, SiglipTagger
 from .errors import UsageError
 from .records import Record

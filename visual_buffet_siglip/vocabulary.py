@@ -31,10 +31,28 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import DEFAULT_MAX_TAGS, DEFAULT_THRESHOLD, ConfigError, normalize_label
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .records import TagDict
+
+DEFAULT_THRESHOLD = 0.01  # SigLIP's sigmoid scores are low: 0.005-0.05 is a sensible range
+DEFAULT_MAX_TAGS = 50
+
+def normalize_label(label: str) -> str:
+    """Strip, collapse whitespace and lowercase: how every label is keyed and shown."""
+    return " ".join(label.split()).lower()
+
+
+def normalize_labels(labels: Iterable[str]) -> tuple[str, ...]:
+    """Normalised, de-duplicated labels in first-seen order; empty ones dropped."""
+    seen: dict[str, None] = {}
+    for label in labels:
+        norm = normalize_label(label)
+        if norm:
+            seen.setdefault(norm, None)
+    return tuple(seen)
+
 
 __all__ = ["OFF", "MAX_FILE_BYTES", "MAX_LINE_CHARS", "VocabularyEntry", "Vocabulary", "TagOptions",
            "parse_vocabulary", "read_vocabulary", "format_vocabulary", "builtin", "select"]
