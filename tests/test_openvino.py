@@ -164,6 +164,27 @@ def test_concurrent_builders_convert_once(tmp_path):
     assert compiled(np.array([[-1, 2, -3, 4]], np.float32))[0].tolist() == [[0, 2, 0, 4]]
 
 
+def test_two_models_converting_in_threads_at_once_both_convert(checkpoints, images, ov_cache):
+    """torch.jit.trace (under convert_model) is not thread-safe: a host tagging with two models from two
+    threads once failed the first trace's check, as the second renamed its modules mid-trace."""
+    families = ("siglip", "siglip2")
+    taggers = {f: SiglipTagger(ov_settings(checkpoints[f], text_cache=False)) for f in families}
+    start = threading.Barrier(len(families))
+    results: dict[str, list] = {}
+
+    def tag(family: str) -> None:
+        start.wait()
+        results[family] = tags_only(taggers[family].tag(images))
+
+    threads = [threading.Thread(target=tag, args=(f,)) for f in families]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for family in families:
+        assert results[family] == tags_only(SiglipTagger(ov_settings(checkpoints[family])).tag(images))
+
+
 def test_unwritable_cache_converts_in_memory(checkpoints, images, tmp_path, monkeypatch, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -137,6 +137,11 @@ def compile_config(dtype: str) -> dict[str, str]:
     return {"INFERENCE_PRECISION_HINT": DTYPE_HINTS.get(dtype, "f32")}
 
 
+# convert_model traces with torch.jit.trace, which is not thread-safe: a second trace in another
+# thread renames the first one's modules mid-trace and its sanity check fails. One at a time.
+_TRACE_LOCK = threading.Lock()
+
+
 # --- the on-disk cache -------------------------------------------------------------------------
 
 class CacheEntryError(Exception):
@@ -391,7 +396,7 @@ class OpenVINOTowers:
                  tower, loaded.info.id, self.weight_format)
         start = time.perf_counter()
         example = self._graph_inputs(_example_inputs(loaded, tower))
-        with torch.no_grad(), _quiet_tracing():
+        with _TRACE_LOCK, torch.no_grad(), _quiet_tracing():
             model = ov.convert_model(_tower_module(loaded.model, tower, names),
                                      example_input=tuple(example[name] for name in names))
         if self.weight_format == "int8_asym":
