@@ -23,6 +23,9 @@ lost images again. Version 1 stores (0.1.0, no checksums) are read and appended
 to with a warning that damage cannot be detected in them. Readers stream frames,
 joined into chunks of a size the caller picks: memory follows the chunk, not the
 archive.
+
+The format's writer, reader and repair live together (a little over 450 lines):
+each relies on exactly how the others lay out and check a frame.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ keywords and keeps the user's, and a second run with the same tags writes the
 same bytes. Sidecars are parsed with the standard library's expat through
 `defusedxml` (no DTDs, entities or external references), size-bounded and
 UTF-8 only; a sidecar that is refused is left as it is and named in the error.
+
+Why one module of ~500 lines: reading, the fast text path for sidecars that hold
+only our record, and the full merge must agree byte for byte on what a sidecar
+says, so they share one set of namespace and serialisation helpers here.
 """
 
 from __future__ import annotations
