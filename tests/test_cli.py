@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import LABELS
 
-from visual_buffet_siglip.cli import expand_paths, main
+from visual_buffet_siglip.cli import main
+from visual_buffet_siglip.commands import expand_paths
 
 
 @pytest.fixture
@@ -182,7 +183,7 @@ def test_files_from_with_nul_separators_and_named_paths(capsys, photo_dir, confi
 def test_path_lists_keep_names_that_are_not_utf8():
     import io
 
-    from visual_buffet_siglip.cli import read_path_list
+    from visual_buffet_siglip.commands import read_path_list
 
     raw = b"/photos/caf\xe9.jpg\r\n/photos/b.jpg\n"
     assert [os.fsencode(p) for p in read_path_list(io.BytesIO(raw))] == [b"/photos/caf\xe9.jpg", b"/photos/b.jpg"]

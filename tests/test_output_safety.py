@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import make_image
 
-from visual_buffet_siglip import cli, fileio, locks, outputs
+from visual_buffet_siglip import cli, commands, fileio, locks, outputs
 from visual_buffet_siglip.errors import InUseError
 from visual_buffet_siglip.outputs import sidecar_path
 from visual_buffet_siglip.store import EmbeddingStore
@@ -392,7 +392,7 @@ def test_an_unreadable_subfolder_exits_1_naming_it(folder, model_args, tmp_path,
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real(path)
 
-    monkeypatch.setattr(cli.os, "scandir", scandir)
+    monkeypatch.setattr(commands.os, "scandir", scandir)
     assert cli.main(["tag", str(folder), "-r", "-o", str(tmp_path / "t.json"), *model_args]) == 1
     assert str(folder / "private") in caplog.text
     assert len(json.loads((tmp_path / "t.json").read_text())) == N_IMAGES

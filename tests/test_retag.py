@@ -13,7 +13,10 @@ from conftest import LABELS, make_settings
 
 from visual_buffet_siglip import engine
 from visual_buffet_siglip import retag as retag_module
-from visual_buffet_siglip.cli import Sink, UsageError, main, run_tagging
+from visual_buffet_siglip.cli import main
+from visual_buffet_siglip.commands import run_tagging
+from visual_buffet_siglip.errors import UsageError
+from visual_buffet_siglip.outputs import Sink
 from visual_buffet_siglip.vocabulary import normalize_labels
 from visual_buffet_siglip.engine import SiglipTagger
 from visual_buffet_siglip.retag import retag, search

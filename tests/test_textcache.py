@@ -257,7 +257,8 @@ def test_cache_dir_setting_is_used(checkpoints, tmp_path, monkeypatch):
 
 
 def test_cli_no_text_cache_flag():
-    from visual_buffet_siglip.cli import build_parser, settings_from_args
+    from visual_buffet_siglip.cli import build_parser
+    from visual_buffet_siglip.commands import settings_from_args
 
     args = build_parser().parse_args(["tag", "x.jpg", "--no-text-cache"])
     assert settings_from_args(args).model_settings.text_cache is False
