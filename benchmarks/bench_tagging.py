@@ -203,7 +203,7 @@ def child_steady(opts: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from visual_buffet_siglip.engine import DecodePolicy
+    from visual_buffet_siglip.decoding import DecodePolicy
 
     tagger = _tagger(opts)
     labels = list(tagger.default_options.labels)

@@ -213,17 +213,17 @@ def test_a_refused_store_leaves_the_old_results_alone(folder, model_args, tmp_pa
 
 HANG_AFTER_FIRST = """
 import sys, threading
-import visual_buffet_siglip.engine as engine
+import visual_buffet_siglip.decoding as decoding
 from visual_buffet_siglip import cli
 
-real = engine.load_image
+real = decoding.load_image
 
 def load_image(source, **kwargs):
     if str(source).endswith(sys.argv[1]):
         threading.Event().wait()
     return real(source, **kwargs)
 
-engine.load_image = load_image
+decoding.load_image = load_image
 sys.exit(cli.main(sys.argv[2:]))
 """
 

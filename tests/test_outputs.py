@@ -20,17 +20,17 @@ BLOCKED = 5  # the run hangs on img05.png until it is killed
 
 HANG_ON_ONE_IMAGE = """
 import sys, threading
-import visual_buffet_siglip.engine as engine
+import visual_buffet_siglip.decoding as decoding
 from visual_buffet_siglip import cli
 
-real = engine.load_image
+real = decoding.load_image
 
 def load_image(source, **kwargs):
     if str(source).endswith(sys.argv[1]):
         threading.Event().wait()  # like a stalled network share: hangs until the process is killed
     return real(source, **kwargs)
 
-engine.load_image = load_image
+decoding.load_image = load_image
 sys.exit(cli.main(sys.argv[2:]))
 """
 

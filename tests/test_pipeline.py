@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import make_image, make_settings, reference_scores
 
-from visual_buffet_siglip.engine import DecodePolicy, SiglipTagger, decode_policy
+from visual_buffet_siglip.decoding import DecodePolicy, decode_policy
+from visual_buffet_siglip.engine import SiglipTagger
 from visual_buffet_siglip.images import load_image
 
 POLICIES = [DecodePolicy("inline", 0, 1, "test"), DecodePolicy("phased", 2, 3, "test"),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import LABELS, make_settings
 
-from visual_buffet_siglip import engine
+from visual_buffet_siglip import scoring
 from visual_buffet_siglip import retag as retag_module
 from visual_buffet_siglip.cli import main
 from visual_buffet_siglip.commands import run_tagging
@@ -215,7 +215,7 @@ def test_narrow_label_sets_score_like_wide_ones(checkpoints):
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     text = tagger.embed_texts(LABELS)
     wide = tagger.score(vectors, text)
-    for k in (1, engine.NARROW_SCORING, engine.NARROW_SCORING + 1):
+    for k in (1, scoring.NARROW_SCORING, scoring.NARROW_SCORING + 1):
         narrow = tagger.score(vectors, text[:k])
         assert narrow.dtype == np.float32 and np.abs(narrow - wide[:, :k]).max() <= 1e-7
     assert wide.std() > 1e-2  # the scores really vary

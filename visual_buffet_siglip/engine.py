@@ -7,19 +7,10 @@ Where the time goes, and what this module does about it:
 - text: each label is encoded once per model, ever. Embeddings live in memory
   and in an on-disk safetensors cache (`textcache`), so a second process reads
   ~1,000 labels in milliseconds instead of running the text tower over them.
-- decoding: large JPEGs decode at reduced size ("fast" decode: DCT scaling, never
-  below twice the model's input side), and fixed-resolution images are resized to
-  the model's input with PIL before the processor sees them, which is exactly
-  what the processor's own resize would do (bit-identical) minus two full-size
-  array copies.
-- overlap: decode + preprocessing run in worker threads. Where the model has
-  cores to itself (a GPU, or a CPU with cores torch does not use) workers decode
-  a bounded window ahead while the model runs. Where torch already uses every
-  core (the usual CPU case) a decode thread would only steal cycles from the
-  model's own threads, so the next batch is decoded in parallel *between* model
-  calls instead ("phased"). `decode_policy` makes that choice; benchmarks/ measures it.
+- images: decoded and preprocessed in worker threads, paced against the model
+  (`decoding` says how, and why).
 - scoring: one float64 matrix product per batch against the label matrix
-  converted once per run; results do not depend on how images are batched.
+  converted once per run (`scoring`); results do not depend on how images are batched.
 """
 
 from __future__ import annotations
@@ -27,9 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -38,16 +27,18 @@ import torch
 
 from . import __version__
 from .config import MAX_LENGTH, TEMPLATE, ModelSettings, Settings, tagger_parts
+from .decoding import DecodePolicy, Prepared, decode_policy, elapsed_ms, fixed_resize, prepare, prepared_in_order
 from .vocabulary import normalize_label
-from .errors import ImageError, ImagePreprocessError, NonFiniteScoreError
+from .errors import NonFiniteScoreError
 from .hardware import HardwareProfile, cpu_cores, detect
-from .images import ImageSource, describe, load_image
+from .images import ImageSource, describe
 from .models import LoadedModel, load, model_info
 from .pixels import fixed_normaliser
 from .plan import Plan
 from .planner import plan as make_plan
 from .records import ErrorDict, Record, error_record
 from .residency import text_tower_on
+from .scoring import Scorer
 from .textcache import DiskLabelStore, LabelEmbeddingCache, cache_root, library_versions, weights_digest
 from .vocabulary import TagOptions, select
 
@@ -57,8 +48,6 @@ TEXT_BATCH = 64
 TEXT_SAVE_EVERY = 512  # labels encoded between two writes of the disk cache
 PROGRESS_LABELS = 2048  # encoding this many labels takes long enough to show progress
 PROGRESS_SECONDS = 10.0
-MAX_DECODE_WORKERS = 16
-NARROW_SCORING = 4  # label sets this small are scored with numpy's einsum (see _Scorer)
 
 
 def prompt_for(label: str) -> str:
@@ -81,74 +70,6 @@ class ImageEmbedding:
     elapsed_ms: float
     labels: tuple[str, ...] = ()
     scores: np.ndarray | None = None
-
-
-@dataclass
-class _Prepared:
-    index: int
-    source: ImageSource
-    inputs: dict[str, torch.Tensor] | None
-    error: ErrorDict | None
-    decode_ms: float
-
-
-@dataclass(frozen=True)
-class DecodePolicy:
-    """How images are decoded relative to the model.
-
-    mode: "overlap" (workers decode up to `window` images ahead while the model
-    runs), "phased" (the next batch is decoded by `workers` threads between model
-    calls), or "inline" (decoded one by one in the calling thread).
-    """
-
-    mode: str
-    workers: int
-    window: int
-    reason: str
-
-
-def decode_policy(device: str, cpus: int, torch_threads: int, batch_size: int) -> DecodePolicy:
-    """The decode/model overlap for a machine (pure; see the module docstring for why)."""
-    batch_size = max(1, batch_size)
-    if device != "cpu":
-        workers = max(1, min(MAX_DECODE_WORKERS, cpus - 1))
-        return DecodePolicy("overlap", workers, max(2 * batch_size, 2 * workers),
-                            f"{device}: the model runs off the CPU, so {workers} decode threads "
-                            f"({cpus} CPUs, one kept for the main thread) work ahead of it")
-    spare = cpus - torch_threads
-    if spare >= 1:
-        workers = min(MAX_DECODE_WORKERS, spare)
-        return DecodePolicy("overlap", workers, max(2 * batch_size, 2 * workers),
-                            f"cpu: torch uses {torch_threads} of {cpus} CPUs, so {workers} decode "
-                            "threads run beside it on the others")
-    if cpus <= 1:
-        return DecodePolicy("inline", 0, 1, "cpu: one CPU, so images decode in the calling thread")
-    workers = max(1, min(MAX_DECODE_WORKERS, cpus, batch_size))
-    return DecodePolicy("phased", workers, batch_size,
-                        f"cpu: torch uses all {cpus} CPUs, so a decode thread beside it would only "
-                        f"compete; each next batch decodes on {workers} thread{'s' if workers > 1 else ''} "
-                        "between model calls")
-
-
-class _Scorer:
-    """Sigmoid confidences against one label matrix, converted to float64 once."""
-
-    def __init__(self, model: Any, text_embeddings: np.ndarray):
-        self.scale = model.logit_scale.detach().float().cpu().exp()
-        self.bias = model.logit_bias.detach().float().cpu()
-        self.text_t = torch.from_numpy(np.ascontiguousarray(text_embeddings, dtype=np.float64)).T
-
-    def __call__(self, image_embeddings: np.ndarray) -> np.ndarray:
-        # Dot products accumulate in float64, so a score does not depend on how many images or
-        # labels share the call (tagging, re-tagging and search agree to the last bit in practice).
-        if self.text_t.shape[1] <= NARROW_SCORING:
-            # A search query: numpy widens rows as it goes, so 100,000 stored images need no float64
-            # copy and no BLAS thread pool (3-5x faster measured on 2 cores).
-            dots = torch.from_numpy(np.einsum("ij,jk->ik", image_embeddings, self.text_t.numpy()))
-        else:
-            dots = torch.from_numpy(np.ascontiguousarray(image_embeddings, dtype=np.float64)) @ self.text_t
-        logits = dots.float() * self.scale + self.bias
-        return torch.sigmoid(logits).numpy()
 
 
 class SiglipTagger:
@@ -191,7 +112,7 @@ class SiglipTagger:
                         log.warning("%s", warning)
                     loaded = load(self.settings.model, chosen)
                     self._batch_size = chosen.batch_size
-                    self._resize = _fixed_resize(loaded)
+                    self._resize = fixed_resize(loaded)
                     self._normalise = fixed_normaliser(loaded.processor) if self._resize else None
                     if chosen.backend == "openvino":
                         from .openvino_backend import OpenVINOTowers
@@ -312,55 +233,17 @@ class SiglipTagger:
         return int(getattr(config.vision_config, "hidden_size", 0))
 
     # --- images ----------------------------------------------------------------------------
-    def _prepare(self, index: int, source: ImageSource, draft: int | None) -> _Prepared:
-        start = time.perf_counter()
-        try:
-            image = load_image(source, draft_size=draft)
-            if self._resize is not None and image.size != self._resize[0]:
-                # what the processor's own (PIL) resize does, without its two full-size array copies
-                image = image.resize(*self._resize)
-            if self._normalise is not None and image.mode == "RGB":
-                return _Prepared(index, source, {"pixel_values": self._normalise(image)}, None, _ms(start))
-            kwargs: dict[str, Any] = {"return_tensors": "pt"}
-            if self.loaded.info.family == "naflex":
-                kwargs["max_num_patches"] = self.settings.max_num_patches
-            inputs = dict(self.loaded.processor(images=[image], **kwargs))
-            return _Prepared(index, source, inputs, None, _ms(start))
-        except ImageError as exc:
-            return _Prepared(index, source, None, exc.to_dict(), _ms(start))
-        except Exception as exc:  # a processor failure on one odd image must not sink the run
-            log.debug("preprocessing %s failed", describe(source), exc_info=True)
-            error = ImagePreprocessError(f"{describe(source)}: cannot preprocess image ({type(exc).__name__}: {exc})")
-            return _Prepared(index, source, None, error.to_dict(), _ms(start))
+    def _prepare(self, index: int, source: ImageSource, draft: int | None) -> Prepared:
+        """One image as this model's inputs, or its error (`decoding.prepare`)."""
+        loaded = self.loaded
+        patches = self.settings.max_num_patches if loaded.info.family == "naflex" else None
+        return prepare(index, source, draft, loaded.processor, self._resize, self._normalise, patches)
 
-    def _prepared(self, images: Iterable[ImageSource]) -> Iterator[_Prepared]:
+    def _prepared(self, images: Iterable[ImageSource]) -> Iterator[Prepared]:
         """Decoded + preprocessed images in input order, at most a bounded window in memory."""
         draft = self._draft_size()
-        policy = self.decode_policy
-        numbered = enumerate(images)
-        if policy.workers == 0:
-            for index, source in numbered:
-                yield self._prepare(index, source, draft)
-            return
-        pool = ThreadPoolExecutor(policy.workers, thread_name_prefix="siglip-decode")
-        pending: deque[Future[_Prepared]] = deque()
-        try:
-            exhausted = False
-            while True:
-                # overlap: keep the window full; phased: refill only once the consumer has taken
-                # the whole previous batch (it is running the model on it meanwhile)
-                if not exhausted and (policy.mode == "overlap" or not pending):
-                    while len(pending) < policy.window:
-                        nxt = next(numbered, None)
-                        if nxt is None:
-                            exhausted = True
-                            break
-                        pending.append(pool.submit(self._prepare, nxt[0], nxt[1], draft))
-                if not pending:
-                    return
-                yield pending.popleft().result()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        yield from prepared_in_order(images, lambda index, source: self._prepare(index, source, draft),
+                                     self.decode_policy)
 
     def iter_image_embeddings(self, images: Iterable[ImageSource]) -> Iterator[ImageEmbedding]:
         """Embeddings (or errors) for `images`, streamed in input order with bounded memory."""
@@ -368,7 +251,7 @@ class SiglipTagger:
             yield from batch
 
     def _batches(self, images: Iterable[ImageSource]) -> Iterator[list[ImageEmbedding]]:
-        batch: list[_Prepared] = []
+        batch: list[Prepared] = []
         for item in self._prepared(images):
             batch.append(item)
             if len(batch) >= self.batch_size:
@@ -377,17 +260,17 @@ class SiglipTagger:
         if batch:
             yield self._run_batch(batch)
 
-    def _run_batch(self, batch: list[_Prepared]) -> list[ImageEmbedding]:
+    def _run_batch(self, batch: list[Prepared]) -> list[ImageEmbedding]:
         good = [item for item in batch if item.inputs is not None]
         start = time.perf_counter()
         vectors = self._vision(good) if good else np.zeros((0, 0), dtype=np.float32)
-        share = _ms(start) / max(1, len(good))
+        share = elapsed_ms(start) / max(1, len(good))
         by_index = {item.index: vec for item, vec in zip(good, vectors)}
         return [ImageEmbedding(item.index, item.source, by_index.get(item.index), item.error,
                                item.decode_ms + (share if item.inputs is not None else 0.0))
                 for item in batch]
 
-    def _vision(self, items: list[_Prepared]) -> np.ndarray:
+    def _vision(self, items: list[Prepared]) -> np.ndarray:
         """Vision tower on `items`; halves the batch on CUDA out-of-memory, never drops an image."""
         size = self.batch_size
         parts = []
@@ -406,7 +289,7 @@ class SiglipTagger:
                 return np.concatenate(parts + [self._vision(items[start:])])
         return np.concatenate(parts)
 
-    def _vision_chunk(self, chunk: list[_Prepared]) -> np.ndarray:
+    def _vision_chunk(self, chunk: list[Prepared]) -> np.ndarray:
         loaded = self.loaded
         dtype = loaded.model.dtype
         inputs = {}
@@ -441,7 +324,7 @@ class SiglipTagger:
     # --- scoring ---------------------------------------------------------------------------
     def score(self, image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
         """[n, m] sigmoid confidences, with the model's own logit scale and bias, in float32."""
-        return _Scorer(self.loaded.model, text_embeddings)(image_embeddings)
+        return Scorer(self.loaded.model, text_embeddings)(image_embeddings)
 
     # --- tagging ---------------------------------------------------------------------------
     def options(self, *, labels: Sequence[str] | None = None, threshold: float | None = None,
@@ -460,7 +343,7 @@ class SiglipTagger:
         """
         if options is None:
             options = self.options(labels=labels, threshold=threshold, max_tags=max_tags)
-        scorer = _Scorer(self.loaded.model, self.embed_texts(options.labels))
+        scorer = Scorer(self.loaded.model, self.embed_texts(options.labels))
         scored = options.labels
         for batch in self._batches(images):
             good = [(item.index, item.vector) for item in batch if item.vector is not None]
@@ -537,30 +420,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
-def _fixed_resize(loaded: LoadedModel) -> tuple[tuple[int, int], int] | None:
-    """((width, height), resample) when the processor resizes every image to one size with PIL.
-
-    Then resizing the decoded image ourselves first gives bit-identical pixel
-    values (the processor's resize becomes a no-op) and skips its full-size
-    PIL -> numpy -> PIL round trip, ~0.1-0.4 s for a 12-24 MP photo. Processors
-    with another backend (torchvision) or size rule (NaFlex) are left alone.
-    """
-    processor = getattr(loaded.processor, "image_processor", None)
-    try:
-        from transformers.image_processing_backends import PilBackend
-    except ImportError:  # pragma: no cover - transformers without the PIL backend class
-        return None
-    if not isinstance(processor, PilBackend) or loaded.info.family == "naflex":
-        return None
-    size = getattr(processor, "size", None)
-    height, width = getattr(size, "height", None), getattr(size, "width", None)
-    if not (getattr(processor, "do_resize", False) and height and width) \
-            or getattr(processor, "do_center_crop", False) or getattr(processor, "do_pad", False) \
-            or getattr(processor, "resample", None) is None:
-        return None
-    return (int(width), int(height)), int(processor.resample)  # type: ignore[attr-defined]
-
-
 def _pooled(output: Any) -> torch.Tensor:
     """transformers 5 returns a model output from get_*_features; older versions a tensor."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
@@ -571,8 +430,4 @@ def _normalise(features: torch.Tensor) -> np.ndarray:
     return (features / features.norm(p=2, dim=-1, keepdim=True)).cpu().numpy()
 
 
-def _ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1000.0
-
-
-__all__ = ["SiglipTagger", "ImageEmbedding", "DecodePolicy", "decode_policy", "prompt_for"]
+__all__ = ["SiglipTagger", "ImageEmbedding", "prompt_for"]
