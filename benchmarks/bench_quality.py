@@ -43,7 +43,8 @@ THRESHOLD = 0.01
 SEED = 7_700_001
 SIZE = (1600, 1200)
 
-REFERENCE = {"dtype": "float32", "decode": "exact", "quantization": "none"}
+# PyTorch named: "auto" would pick OpenVINO on the CPU wherever it is installed
+REFERENCE = {"dtype": "float32", "decode": "exact", "quantization": "none", "backend": "torch"}
 # name -> the settings that differ from REFERENCE; a new backend or precision is one more row
 VARIANTS: dict[str, dict[str, Any]] = {
     'decode = "fast"': {"decode": "fast"},
@@ -52,6 +53,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     'quantization = "8bit"': {"quantization": "8bit"},
     'quantization = "4bit" (nf4)': {"quantization": "4bit"},
     '4bit + bfloat16 compute': {"quantization": "4bit", "dtype": "bfloat16"},
+    'backend = "openvino" (float32)': {"backend": "openvino"},
+    'backend = "openvino" + 8bit (int8 weights)': {"backend": "openvino", "quantization": "8bit"},
 }
 
 

@@ -4,8 +4,8 @@ Each picture shows one, two or three shapes of one kind and one colour, so its
 caption ("two red circles") is exactly true of it. What the caption does not
 name varies freely: background shade and texture (plain, gradient, noise),
 fill texture (solid, speckled), sizes, positions, colour jitter and the
-picture's size and aspect ratio. Shapes are 26-40% of the shorter side across,
-two to three 8 px patches at the model's 64 px input; grid backgrounds and
+picture's size and aspect ratio. Shapes are 26-60% of the shorter side across
+(`RADII`), two to five 8 px patches at the model's 64 px input; grid backgrounds and
 striped fills were dropped, as their edges cost a model this small its shapes. A fixed set of attribute combinations
 is held out of training (`HELD_OUT`), so tests can ask whether the model
 composes attributes it learned separately.
@@ -27,6 +27,10 @@ COLOURS = {"red": (210, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 215),
            "yellow": (235, 205, 30), "purple": (140, 60, 185)}
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = ("plain", "gradient", "noise")
+# Radius ranges (share of the shorter side) for one, two and three shapes: as large as fits, since each
+# 8 px patch more across a shape is what lets a model this small tell its kind; they overlap, so size
+# hints at the count without giving it away
+RADII = ((0.17, 0.3), (0.15, 0.25), (0.13, 0.2))
 FILLS = ("solid", "speckled")
 
 
@@ -78,7 +82,7 @@ def _place(rng: np.random.Generator, n: int, w: int, h: int) -> list[tuple[float
     """n non-overlapping (cx, cy, r) discs inside the picture, sized to its shorter side."""
     side = min(w, h)
     for _ in range(200):
-        r = side * rng.uniform(0.13, 0.2)
+        r = side * rng.uniform(*RADII[n - 1])
         spots: list[tuple[float, float, float]] = []
         for _ in range(50):
             cx, cy = rng.uniform(r * 1.1, w - r * 1.1), rng.uniform(r * 1.1, h - r * 1.1)

@@ -90,11 +90,14 @@ def test_checkpoint_is_small_and_loads_as_users_load_it(fp32):
     assert fp32.plan.dtype == "float32" and fp32.loaded.model.config.vision_config.hidden_size % 64 == 0
 
 
-# The issue asks for top-1 >= 0.90 and top-3 >= 0.98. The committed checkpoint (64 px input, 1,500 steps on a
-# machine loaded ~5x) reaches 0.56 / 0.90 on held-out combinations and 0.51 / 0.87 on seen ones through the
-# tagger (colour 0.96-0.98, count 0.83-0.84, shape 0.63-0.66). These bounds hold what it does with a margin
-# (the chance level is 1/45 and 3/45); raise them to the issue's when a retrained checkpoint meets them.
-TOP1, TOP3, COLOUR = 0.45, 0.80, 0.93
+# The issue asks for top-1 >= 0.90 and top-3 >= 0.98. The committed checkpoint (tools/train_tiny_siglip.py
+# defaults: 2,500 steps, 1-layer text and 3-layer vision towers, one-attribute captions) reaches, through
+# the tagger, top-3 1.00 on both splits and top-1 0.93 on seen combinations, but top-1 only 0.52 on
+# held-out ones: colour 1.00 and shape 0.94 carry over to combinations it never saw, the count (0.58)
+# does not; it tends to name the count it saw with that colour and shape. The held-out top-1 bound holds
+# what it does with a margin (chance is 1/45); raise it to the issue's when a retrained checkpoint
+# meets it. ALL_TOP1: both splits together (measured 0.73).
+TOP1, SEEN_TOP1, TOP3, COLOUR, ALL_TOP1 = 0.45, 0.90, 0.98, 0.95, 0.65
 
 
 @pytest.mark.parametrize("split", ["held_out", "seen"])
@@ -102,7 +105,7 @@ def test_true_caption_ranks_high(fp32, split, request):
     items = request.getfixturevalue(split)
     scores, true = full_scores(fp32, items), truth(items)
     r = ranks(scores, true)
-    assert (r == 0).mean() >= TOP1, f"{split}: top-1 {(r == 0).mean():.3f}"
+    assert (r == 0).mean() >= (SEEN_TOP1 if split == "seen" else TOP1), f"{split}: top-1 {(r == 0).mean():.3f}"
     assert (r < 3).mean() >= TOP3, f"{split}: top-3 {(r < 3).mean():.3f}"
     top = [shapes.ALL[i] for i in scores.argmax(axis=1)]
     assert np.mean([a.colour == c.colour for a, (_, c) in zip(top, items)]) >= COLOUR
@@ -113,11 +116,11 @@ def test_confidences_are_well_separated(fp32, held_out, seen):
     scores, true = full_scores(fp32, items), truth(items)
     right = scores[np.arange(len(true)), true]
     other_colour = np.array([[label.colour != combo.colour for label in shapes.ALL] for _, combo in items])
-    # the default threshold is 0.01: right tags sit well above it (median 0.46 measured), wrong-colour
-    # ones below it (99th percentile 0.024 measured), most wrong tags far below it
-    assert np.median(right) >= 0.3, np.median(right)
-    assert np.quantile(scores[other_colour], 0.99) <= 0.05, np.quantile(scores[other_colour], 0.99)
-    assert np.median(np.delete(scores, true + np.arange(len(true)) * scores.shape[1])) <= 1e-4
+    # the default threshold is 0.01: right tags sit far above it (median 0.93, 10th percentile 0.53
+    # measured), wrong-colour ones below it (99th percentile 0.007), most wrong tags far below (median 4e-9)
+    assert np.median(right) >= 0.7 and np.quantile(right, 0.1) >= 0.3, (np.median(right), np.quantile(right, 0.1))
+    assert np.quantile(scores[other_colour], 0.99) <= 0.02, np.quantile(scores[other_colour], 0.99)
+    assert np.median(np.delete(scores, true + np.arange(len(true)) * scores.shape[1])) <= 1e-6
 
 
 def test_default_threshold_and_max_tags_keep_the_right_tags(fp32, held_out, seen):
@@ -127,14 +130,14 @@ def test_default_threshold_and_max_tags_keep_the_right_tags(fp32, held_out, seen
     has_own = np.mean([combo.label in labels for labels, (_, combo) in zip(kept, items)])
     same_colour = np.mean([label.split()[1] == combo.colour for labels, (_, combo) in zip(kept, items)
                            for label in labels])
-    assert has_own >= 0.85 and same_colour >= 0.75, (has_own, same_colour)  # measured 0.91, 0.84
+    assert has_own >= 0.95 and same_colour >= 0.85, (has_own, same_colour)  # measured 0.99, 0.90
     assert all(tag["confidence"] >= 0.01 for record in records for tag in record["tags"])
 
     capped = tagger(max_tags=1, confidence_threshold=0.0).tag([path for path, _ in items])
     assert all(len(record["tags"]) == 1 for record in capped)
     top = [record["tags"][0]["label"] for record in capped]
     assert top == [labels[0] if labels else label for labels, label in zip(kept, top)]
-    assert np.mean([label == combo.label for label, (_, combo) in zip(top, items)]) >= TOP1
+    assert np.mean([label == combo.label for label, (_, combo) in zip(top, items)]) >= ALL_TOP1
 
 
 def test_a_strict_threshold_keeps_fewer_tags_more_of_them_right(fp32, held_out, seen):
@@ -151,24 +154,30 @@ def test_a_strict_threshold_keeps_fewer_tags_more_of_them_right(fp32, held_out, 
     assert all(tag["confidence"] >= 0.3 for record in strict for tag in record["tags"])
 
 
-def test_cli_tags_the_pictures_with_their_captions(capsys, held_out, tmp_path):
+def test_cli_tags_the_pictures_with_their_captions(capsys, fp32, held_out, tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(shapes.LABELS), encoding="utf-8")
-    items = held_out[::6]
+    items = held_out[::5]
     code = main(["tag", "--model", str(CHECKPOINT), "--device", "cpu", "--labels-file", str(labels),
                  "--no-text-cache", "--max-tags", "3", "--format", "jsonl", "-q", *[str(p) for p, _ in items]])
     assert code == 0
     rows = {Path(row["path"]).name: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
-    hits = [rows[path.name]["tags"][0]["label"] == combo.label for path, combo in items]
-    assert np.mean(hits) >= TOP1 and all(len(row["tags"]) <= 3 for row in rows.values())
+    # the CLI keeps the tagger's top tags (how often those are right is the tests' above: 18 pictures
+    # are too few to bound accuracy without a margin that says nothing)
+    expected = [record["tags"] for record in fp32.tag([path for path, _ in items], max_tags=3)]
+    got = [rows[path.name]["tags"] for path, _ in items]
+    assert [[t["label"] for t in tags] for tags in got] == [[t["label"] for t in tags] for tags in expected]
+    assert np.allclose([t["confidence"] for tags in got for t in tags],
+                       [t["confidence"] for tags in expected for t in tags], atol=1e-4)
 
 
-# Measured on this checkpoint by benchmarks/bench_quality.py (RESULTS.md); the bounds leave margin:
+# Measured on these 180 pictures (agreement 1.00, 0.99, 0.96; top-1 0.73, 0.74, 0.70; bench_quality.py has
+# more in RESULTS.md); the bounds leave margin:
 # variant settings -> (least share of images whose top tag stays float32's, least top-1 accuracy)
 SHORTCUT_BOUNDS = {
-    "bfloat16": ({"dtype": "bfloat16"}, 0.95, TOP1),
-    "8bit": ({"quantization": "8bit"}, 0.93, TOP1),
-    "4bit": ({"quantization": "4bit"}, 0.70, 0.40),
+    "bfloat16": ({"dtype": "bfloat16"}, 0.95, ALL_TOP1),
+    "8bit": ({"quantization": "8bit"}, 0.95, ALL_TOP1),
+    "4bit": ({"quantization": "4bit"}, 0.90, 0.60),
 }
 
 
