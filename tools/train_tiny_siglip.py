@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--patch", type=int, default=8, help="patch side in pixels")
     parser.add_argument("--attributes", type=int, choices=(0, 1, 2), default=1,
                         help="add the captions naming up to this many attributes to every batch (2 adds pairs such "
-                        "as \"two circles\", meant for the held-out count; not yet run to the end)")
+                        "as \"two circles\", meant for the held-out count; run to 2,500 steps it scored held-out "
+                        "top-1 0.46 through the tagger, against 0.52 with 1, so 1 stays the default)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--scalar-lr", type=float, default=10.0, help="learning rate of t and b, times --lr")
