@@ -42,7 +42,7 @@ from typing import Any
 
 from .fileio import write_atomic
 from .locks import locked
-from .textcache import key_digest, library_versions, weights_digest
+from .textcache import file_digest, key_digest, library_versions, weights_digest
 from .versions import installed_version
 
 __all__ = ["BACKENDS", "SUPPORTED_FAMILIES", "BackendChoice", "CacheEntryError", "ModelCache", "OpenVINOTowers",
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "openvino")
 SUBDIR = "openvino"
-FORMAT = "2"  # 2: one weights_digest a file in the manifest; NaFlex takes position embeddings
+FORMAT = "2"  # 2: a sampled digest per file in the manifest; NaFlex takes position embeddings
 # Families whose conversion tests/test_openvino.py checks against the transformers reference.
 SUPPORTED_FAMILIES = ("siglip", "siglip2", "naflex")
 DTYPE_HINTS = {"float32": "f32", "bfloat16": "bf16"}
@@ -207,7 +207,7 @@ class ModelCache:
             raise CacheEntryError("its key does not match this model")
         try:
             for name, expected in manifest.get("files", {}).items():
-                if weights_digest(entry, pattern=name) != expected:
+                if file_digest(entry / name) != expected:
                     raise CacheEntryError(f"{name} is damaged or truncated")
             return ov.Core().read_model(str(entry / "model.xml"))
         except CacheEntryError:
@@ -222,7 +222,7 @@ class ModelCache:
         try:
             temp.mkdir()
             ov.save_model(model, str(temp / "model.xml"), compress_to_fp16=False)
-            files = {name: weights_digest(temp, pattern=name) for name in ("model.xml", "model.bin")}
+            files = {name: file_digest(temp / name) for name in ("model.xml", "model.bin")}
             write_atomic(temp / "manifest.json", json.dumps({"format": FORMAT, "key": dict(key), "files": files}))
             if entry.exists():
                 shutil.rmtree(entry)

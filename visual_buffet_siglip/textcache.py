@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -84,26 +84,41 @@ def library_versions() -> dict[str, str]:
     return {name: installed_version(name) or "-" for name in ("torch", "transformers", "tokenizers", "sentencepiece")}
 
 
-def weights_digest(source: Path, sample: int = 1 << 16, pattern: str = "*.safetensors") -> str:
-    """A cheap content digest of a folder's safetensors (or `pattern`) files: size, header, three sampled blocks.
+def weights_digest(source: Path, sample: int = 1 << 16) -> str:
+    """A cheap content digest of a folder's safetensors files: size, header, three sampled blocks.
 
     Complements a fingerprint made of sizes and mtimes: two random checkpoints of
     the same shape saved within one mtime tick still differ here. Reads ~200 KB a file.
     """
     digest = hashlib.sha256()
-    for path in sorted(source.glob(pattern)):
+    for path in sorted(source.glob("*.safetensors")):
         try:
             with open(path, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
                 header_len = safetensors_header_size(fh.read(8))
                 digest.update(f"{path.name}:{size};".encode())
                 digest.update(fh.read(min(header_len, 1 << 24)))
-                for offset in (min(8 + header_len, size), (size - sample) // 2, size - sample):
-                    fh.seek(max(0, offset))
-                    digest.update(fh.read(sample))
+                _sample_blocks(fh, size, min(8 + header_len, size), sample, digest)
         except OSError as exc:  # unreadable here means unloadable too; keep the key distinct
             digest.update(f"{path.name}:error:{exc}".encode())
     return digest.hexdigest()[:24]
+
+
+def file_digest(path: Path, sample: int = 1 << 16) -> str:
+    """The same cheap digest for a file of any format: its size and three sampled blocks (head, middle, tail)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        digest.update(f"{size};".encode())
+        _sample_blocks(fh, size, 0, sample, digest)
+    return digest.hexdigest()[:24]
+
+
+def _sample_blocks(fh: BinaryIO, size: int, first: int, sample: int, digest: Any) -> None:
+    """Feed `digest` the `sample`-byte blocks at `first`, the middle and the end of an open file."""
+    for offset in (first, (size - sample) // 2, size - sample):
+        fh.seek(max(0, offset))
+        digest.update(fh.read(sample))
 
 
 def key_digest(key: Mapping[str, Any]) -> str:
