@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import LABELS, make_settings, reference_scores
 
-from visual_buffet_siglip.vocabulary import normalize_labels
 from visual_buffet_siglip.engine import SiglipTagger
+from visual_buffet_siglip.vocabulary import normalize_labels
 
 
 def scores_from_tags(records, labels) -> np.ndarray:

@@ -24,10 +24,10 @@ from conftest import LABELS, make_image, make_settings
 from PIL import Image, ImageOps
 
 from visual_buffet_siglip import images
-from visual_buffet_siglip.vocabulary import normalize_labels
 from visual_buffet_siglip.engine import SiglipTagger
 from visual_buffet_siglip.errors import ImageError
 from visual_buffet_siglip.images import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, check_size, load_image, to_8bit
+from visual_buffet_siglip.vocabulary import normalize_labels
 
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
 TAGS = "tags"

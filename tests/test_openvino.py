@@ -15,12 +15,12 @@ from test_equivalence import scores_from_tags, tags_only
 
 from visual_buffet_siglip import openvino_backend
 from visual_buffet_siglip.config import ConfigError, Settings
-from visual_buffet_siglip.vocabulary import normalize_labels
 from visual_buffet_siglip.engine import SiglipTagger
 from visual_buffet_siglip.hardware import CpuInfo, CudaDevice, HardwareProfile
 from visual_buffet_siglip.models import model_info
-from visual_buffet_siglip.planner import plan
 from visual_buffet_siglip.openvino_backend import ModelCache, OpenVINOTowers
+from visual_buffet_siglip.planner import plan
+from visual_buffet_siglip.vocabulary import normalize_labels
 
 LABELS_N = list(normalize_labels(LABELS))
 OV = "2026.4.1"

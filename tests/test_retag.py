@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from conftest import LABELS, make_settings
 
-from visual_buffet_siglip import scoring
 from visual_buffet_siglip import retag as retag_module
+from visual_buffet_siglip import scoring
 from visual_buffet_siglip.cli import main
 from visual_buffet_siglip.commands import run_tagging
+from visual_buffet_siglip.engine import SiglipTagger
 from visual_buffet_siglip.errors import UsageError
 from visual_buffet_siglip.outputs import Sink
-from visual_buffet_siglip.vocabulary import normalize_labels
-from visual_buffet_siglip.engine import SiglipTagger
 from visual_buffet_siglip.retag import retag, search
 from visual_buffet_siglip.store import EmbeddingStore, EmbeddingWriter, StoreError, StoreIdentity
+from visual_buffet_siglip.vocabulary import normalize_labels
 
 OLD = LABELS[:8]
 NEW = LABELS[8:] + ["dog", "a label nobody used before"]

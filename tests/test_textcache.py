@@ -13,9 +13,9 @@ import pytest
 from conftest import LABELS, make_settings
 
 from visual_buffet_siglip import textcache
-from visual_buffet_siglip.vocabulary import normalize_labels
 from visual_buffet_siglip.engine import SiglipTagger
 from visual_buffet_siglip.textcache import CACHE_ENV, DiskLabelStore, LabelEmbeddingCache, cache_root
+from visual_buffet_siglip.vocabulary import normalize_labels
 
 LABELS_N = list(normalize_labels(LABELS))
 

@@ -49,7 +49,7 @@ BACKENDS = ("auto", "torch", "openvino")
 class ModelSettings:
     """What shapes the loaded model: a tagger is built from these and reused while they stay equal.
 
-    The hardware planner reads them (`hardware.plan`); nothing a single call asks
+    The planner reads them (`planner.plan`); nothing a single call asks
     for (labels, thresholds, max_tags) is here: that is `vocabulary.TagOptions`.
     """
 
@@ -66,11 +66,6 @@ class ModelSettings:
     cache_dir: str | None = None
 
 
-def _default_options() -> TagOptions:
-
-    return TagOptions()
-
-
 @dataclass(frozen=True)
 class Settings:
     """A validated `[plugins.siglip]` block, split by what each part is for. Build with `Settings.from_mapping`.
@@ -81,7 +76,7 @@ class Settings:
     """
 
     model_settings: ModelSettings = field(default_factory=ModelSettings)
-    options: TagOptions = field(default_factory=_default_options)
+    options: TagOptions = field(default_factory=TagOptions)
     enabled: bool = True
     labels_file: str | None = None
     xmp_max_keywords: int = 15
@@ -123,7 +118,7 @@ def tagger_parts(settings: ModelSettings | Settings | None) -> tuple[ModelSettin
     """A tagger's model settings and the options for its calls that pass none: a whole config's, else defaults."""
     if isinstance(settings, Settings):
         return settings.model_settings, settings.options
-    return settings or ModelSettings(), _default_options()
+    return settings or ModelSettings(), TagOptions()
 
 
 def _pick(values: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

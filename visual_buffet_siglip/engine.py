@@ -28,7 +28,6 @@ import torch
 from . import __version__
 from .config import MAX_LENGTH, TEMPLATE, ModelSettings, Settings, tagger_parts
 from .decoding import DecodePolicy, Prepared, decode_policy, elapsed_ms, fixed_resize, prepare, prepared_in_order
-from .vocabulary import normalize_label
 from .errors import NonFiniteScoreError
 from .hardware import HardwareProfile, cpu_cores, detect
 from .images import ImageSource, describe
@@ -40,7 +39,7 @@ from .records import ErrorDict, Record, error_record
 from .residency import text_tower_on
 from .scoring import Scorer
 from .textcache import DiskLabelStore, LabelEmbeddingCache, cache_root, library_versions, weights_digest
-from .vocabulary import TagOptions, select
+from .vocabulary import TagOptions, normalize_label, select
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ from visual_buffet.plugins.schemas import PluginInfo, Tag, TagResult
 
 from . import __version__
 from .config import KEYS, PLUGIN_NAME, ConfigError, Settings, plugin_block, read_toml
-from .vocabulary import DEFAULT_THRESHOLD, normalize_labels
 from .plugin import DESCRIPTION, HARDWARE, tagger_for
 from .readahead import ImageReadAhead
 from .records import TagDict
+from .vocabulary import DEFAULT_THRESHOLD, normalize_labels
 
 log = logging.getLogger(__name__)
 

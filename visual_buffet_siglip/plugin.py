@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import PLUGIN_NAME, ConfigError, ModelSettings, Settings, plugin_block, settings_from_host_config
-from .vocabulary import DEFAULT_THRESHOLD
 from .hookspecs import hookimpl
+from .vocabulary import DEFAULT_THRESHOLD
 
 if TYPE_CHECKING:
     from .engine import SiglipTagger

@@ -11,12 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .vocabulary import normalize_label
 from .engine import ImageEmbedding, SiglipTagger
 from .errors import UsageError
 from .records import Record
 from .store import Chunk, EmbeddingStore, check_compatible
-from .vocabulary import TagOptions
+from .vocabulary import TagOptions, normalize_label
 
 # Rows re-tagged per scoring call. Each float64 matrix product has a fixed cost (a parallel region
 # that must get every core: ~20 ms measured on a busy machine), so small frames (a slow run writes
