@@ -4,11 +4,11 @@ Each picture shows one, two or three shapes of one kind and one colour, so its
 caption ("two red circles") is exactly true of it. What the caption does not
 name varies freely: background shade and texture (plain, gradient, noise),
 fill texture (solid, speckled), sizes, positions, colour jitter and the
-picture's size and aspect ratio. Shapes are 26-60% of the shorter side across
-(`RADII`), two to five 8 px patches at the model's 64 px input; grid backgrounds and
-striped fills were dropped, as their edges cost a model this small its shapes. A fixed set of attribute combinations
-is held out of training (`HELD_OUT`), so tests can ask whether the model
-composes attributes it learned separately.
+picture's size and aspect ratio. The three kinds cover the same area at the same
+size, and each count has its own narrow size range (`RADII`), so how much of the
+picture is coloured tells the count apart from colour and kind; shapes never touch.
+A fixed set of attribute combinations is held out of training (`HELD_OUT`), so tests
+can ask whether the model composes attributes it learned separately.
 
 Everything is a pure function of a seed: tools/train_tiny_siglip.py trains on
 `sample(seed, ...)` streams and tests/test_quality.py evaluates on others.
@@ -27,10 +27,16 @@ COLOURS = {"red": (210, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 215),
            "yellow": (235, 205, 30), "purple": (140, 60, 185)}
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = ("plain", "gradient", "noise")
-# Radius ranges (share of the shorter side) for one, two and three shapes: as large as fits, since each
-# 8 px patch more across a shape is what lets a model this small tell its kind; they overlap, so size
-# hints at the count without giving it away
-RADII = ((0.17, 0.3), (0.15, 0.25), (0.13, 0.2))
+# Size ranges (share of the picture's mean side) of one, two and three shapes: every shape as large as
+# its count leaves room for, and no two counts' total coloured areas (count x size^2) overlapping, so a
+# model this small can read the count off how much of the picture is coloured, whatever the colour and
+# kind (with one size for all counts it had to learn the count per colour and kind, and named counts
+# it never saw with that pair no better than chance)
+RADII = ((0.24, 0.265), (0.19, 0.2), (0.165, 0.175))
+# Distance from a shape's centre to its farthest point, in units of its size: a circle, a square and an
+# equilateral triangle this far across all cover pi (0.85 size)^2
+REACH = {"circle": 0.85, "square": 1.07, "triangle": 1.33}
+INNER = {shape: reach * {"circle": 1.0, "square": 0.5 ** 0.5, "triangle": 0.5}[shape] for shape, reach in REACH.items()}
 FILLS = ("solid", "speckled")
 
 
@@ -70,38 +76,55 @@ def _background(rng: np.random.Generator, w: int, h: int) -> Image.Image:
         pixels = pixels + (ramp[:, None, None] if ramp.shape[0] == h else ramp[None, :, None])
     elif kind == "noise":
         pixels = pixels + rng.normal(0, rng.uniform(6, 20), size=(h, w, 1)).astype(np.float32)
-    elif kind == "grid":
-        step = max(2, int(min(w, h) * rng.uniform(0.08, 0.2)))
-        yy, xx = np.mgrid[0:h, 0:w]
-        lines = ((yy % step) < max(1, step // 6)) | ((xx % step) < max(1, step // 6))
-        pixels = pixels + np.where(lines, 1.0, 0.0)[..., None] * rng.choice([-35.0, 35.0])
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def _place(rng: np.random.Generator, n: int, w: int, h: int) -> list[tuple[float, float, float]]:
-    """n non-overlapping (cx, cy, r) discs inside the picture, sized to its shorter side."""
-    side = min(w, h)
-    for _ in range(200):
-        r = side * rng.uniform(*RADII[n - 1])
-        spots: list[tuple[float, float, float]] = []
-        for _ in range(50):
-            cx, cy = rng.uniform(r * 1.1, w - r * 1.1), rng.uniform(r * 1.1, h - r * 1.1)
-            if all((cx - x) ** 2 + (cy - y) ** 2 > (r + q + side * 0.03) ** 2 for x, y, q in spots):
-                spots.append((cx, cy, r))
-                if len(spots) == n:
-                    return spots
-    raise RuntimeError(f"cannot place {n} shapes in {w}x{h}")  # pragma: no cover - never at these sizes
-
-
-def _outline(shape: str, cx: float, cy: float, r: float, turn: float) -> list[tuple[float, float]] | None:
-    """Polygon corners for squares and triangles (None for circles), turned a little."""
+def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, size: float, turn: float) -> None:
+    """One filled shape, `REACH[shape]` x size from its centre to its farthest point, turned a little."""
+    reach = size * REACH[shape]
     if shape == "circle":
-        return None
+        draw.ellipse([cx - reach, cy - reach, cx + reach, cy + reach], fill=255)
+        return
     corners = 4 if shape == "square" else 3
     start = (-np.pi / 2 if corners == 3 else np.pi / 4) + turn
-    reach = r * (1.0 if corners == 4 else 1.15)
-    return [(cx + reach * np.cos(start + 2 * np.pi * i / corners), cy + reach * np.sin(start + 2 * np.pi * i / corners))
-            for i in range(corners)]
+    angles = [start + 2 * np.pi * i / corners for i in range(corners)]
+    draw.polygon([(cx + reach * np.cos(a), cy + reach * np.sin(a)) for a in angles], fill=255)
+
+
+def _shapes(rng: np.random.Generator, combo: Combo, w: int, h: int) -> Image.Image:
+    """The mask of `combo`'s shapes: all one size, inside the picture, none touching another."""
+    side = (w * h) ** 0.5
+    count = COUNTS.index(combo.count) + 1
+    pad = max(2, round(side * 0.04))  # the least gap between two shapes
+    for _ in range(200):
+        size = side * rng.uniform(*RADII[count - 1])
+        far, near = size * REACH[combo.shape], size * INNER[combo.shape]
+        grow = 1 + pad / near  # drawn this much larger, a shape's edges move out by at least `pad`
+        box = int(2 * far) + 4 * pad + 2  # each shape is drawn in its own small square, then tried in place
+        mask, taken = Image.new("L", (w, h), 0), np.zeros((h + box, w + box), dtype=bool)
+        centres: list[tuple[float, float]] = []
+        for _ in range(50):
+            cx, cy, turn = rng.uniform(far, w - far), rng.uniform(far, h - far), rng.uniform(-0.25, 0.25)
+            apart = [(cx - x) ** 2 + (cy - y) ** 2 for x, y in centres]
+            if any(d < (2 * near + pad) ** 2 for d in apart):
+                continue  # certainly touching
+            x0, y0 = int(cx - far) - 2 * pad, int(cy - far) - 2 * pad
+            one = Image.new("L", (box, box), 0)
+            _draw(ImageDraw.Draw(one), combo.shape, cx - x0, cy - y0, size, turn)
+            here = taken[max(0, y0):y0 + box, max(0, x0):x0 + box]
+            if any(d < (2 * far + pad) ** 2 for d in apart):  # may touch: compare pixels
+                pixels = np.asarray(one)[max(0, -y0):, max(0, -x0):][:here.shape[0], :here.shape[1]]
+                if (pixels > 0)[here].any():
+                    continue
+            grown = Image.new("L", (box, box), 0)
+            _draw(ImageDraw.Draw(grown), combo.shape, cx - x0, cy - y0, size * grow, turn)
+            grown = np.asarray(grown)[max(0, -y0):, max(0, -x0):]
+            here |= grown[:here.shape[0], :here.shape[1]] > 0
+            mask.paste(255, (x0, y0), one)
+            centres.append((cx, cy))
+            if len(centres) == count:
+                return mask
+    raise RuntimeError(f"cannot place {combo.label} in {w}x{h}")  # pragma: no cover - never at these sizes
 
 
 def render(combo: Combo, rng: np.random.Generator, size: tuple[int, int] = (64, 64)) -> Image.Image:
@@ -109,22 +132,10 @@ def render(combo: Combo, rng: np.random.Generator, size: tuple[int, int] = (64, 
     w, h = size
     image = _background(rng, w, h)
     colour = np.clip(np.array(COLOURS[combo.colour]) + rng.integers(-22, 23, size=3), 0, 255)
-    mask = Image.new("L", (w, h), 0)
-    draw = ImageDraw.Draw(mask)
-    for cx, cy, r in _place(rng, COUNTS.index(combo.count) + 1, w, h):
-        corners = _outline(combo.shape, cx, cy, r, rng.uniform(-0.25, 0.25))
-        if corners is None:
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-        else:
-            draw.polygon(corners, fill=255)
+    mask = _shapes(rng, combo, w, h)
     fill = np.broadcast_to(colour.astype(np.float32), (h, w, 3)).copy()
     kind = FILLS[rng.integers(len(FILLS))]
-    if kind == "striped":
-        period = max(2, int(min(w, h) * rng.uniform(0.04, 0.08)))
-        yy, xx = np.mgrid[0:h, 0:w]
-        stripes = ((xx + yy) // period) % 2 == 1 if rng.random() < 0.5 else (yy // period) % 2 == 1
-        fill[stripes] *= 0.7
-    elif kind == "speckled":
+    if kind == "speckled":
         fill *= rng.uniform(0.8, 1.15, size=(h, w, 1)).astype(np.float32)
     image.paste(Image.fromarray(np.clip(fill, 0, 255).astype(np.uint8)), (0, 0), mask)
     return image
