@@ -30,8 +30,8 @@ BACKGROUNDS = ("plain", "gradient", "noise")
 # Size ranges (share of the picture's mean side) of one, two and three shapes: every shape as large as
 # its count leaves room for, and no two counts' total coloured areas (count x size^2) overlapping, so a
 # model this small can read the count off how much of the picture is coloured, whatever the colour and
-# kind (with one size for all counts it had to learn the count per colour and kind, and named counts
-# it never saw with that pair no better than chance)
+# kind (with overlapping ranges it learnt the count per colour and kind, and named counts it never saw
+# with that pair no better than chance)
 RADII = ((0.24, 0.265), (0.19, 0.2), (0.165, 0.175))
 # Distance from a shape's centre to its farthest point, in units of its size: a circle, a square and an
 # equilateral triangle this far across all cover pi (0.85 size)^2
@@ -116,10 +116,9 @@ def _shapes(rng: np.random.Generator, combo: Combo, w: int, h: int) -> Image.Ima
                 pixels = np.asarray(one)[max(0, -y0):, max(0, -x0):][:here.shape[0], :here.shape[1]]
                 if (pixels > 0)[here].any():
                     continue
-            grown = Image.new("L", (box, box), 0)
-            _draw(ImageDraw.Draw(grown), combo.shape, cx - x0, cy - y0, size * grow, turn)
-            grown = np.asarray(grown)[max(0, -y0):, max(0, -x0):]
-            here |= grown[:here.shape[0], :here.shape[1]] > 0
+            halo = Image.new("L", (box, box), 0)
+            _draw(ImageDraw.Draw(halo), combo.shape, cx - x0, cy - y0, size * grow, turn)
+            here |= (np.asarray(halo)[max(0, -y0):, max(0, -x0):] > 0)[:here.shape[0], :here.shape[1]]
             mask.paste(255, (x0, y0), one)
             centres.append((cx, cy))
             if len(centres) == count:
