@@ -36,7 +36,8 @@ RADII = ((0.24, 0.265), (0.19, 0.2), (0.165, 0.175))
 # Distance from a shape's centre to its farthest point, in units of its size: a circle, a square and an
 # equilateral triangle this far across all cover pi (0.85 size)^2
 REACH = {"circle": 0.85, "square": 1.07, "triangle": 1.33}
-INNER = {shape: reach * {"circle": 1.0, "square": 0.5 ** 0.5, "triangle": 0.5}[shape] for shape, reach in REACH.items()}
+# ... and to the nearest point of its edge: closer than that, two shapes certainly overlap
+INNER = {"circle": REACH["circle"], "square": REACH["square"] * 0.5 ** 0.5, "triangle": REACH["triangle"] * 0.5}
 FILLS = ("solid", "speckled")
 
 
@@ -101,7 +102,8 @@ def _shapes(rng: np.random.Generator, combo: Combo, w: int, h: int) -> Image.Ima
         far, near = size * REACH[combo.shape], size * INNER[combo.shape]
         grow = 1 + pad / near  # drawn this much larger, a shape's edges move out by at least `pad`
         box = int(2 * far) + 4 * pad + 2  # each shape is drawn in its own small square, then tried in place
-        mask, taken = Image.new("L", (w, h), 0), np.zeros((h + box, w + box), dtype=bool)
+        # where earlier shapes and their gaps lie, with a box-wide margin all round so no square falls off it
+        mask, taken = Image.new("L", (w, h), 0), np.zeros((h + 2 * box, w + 2 * box), dtype=bool)
         centres: list[tuple[float, float]] = []
         for _ in range(50):
             cx, cy, turn = rng.uniform(far, w - far), rng.uniform(far, h - far), rng.uniform(-0.25, 0.25)
@@ -111,14 +113,12 @@ def _shapes(rng: np.random.Generator, combo: Combo, w: int, h: int) -> Image.Ima
             x0, y0 = int(cx - far) - 2 * pad, int(cy - far) - 2 * pad
             one = Image.new("L", (box, box), 0)
             _draw(ImageDraw.Draw(one), combo.shape, cx - x0, cy - y0, size, turn)
-            here = taken[max(0, y0):y0 + box, max(0, x0):x0 + box]
-            if any(d < (2 * far + pad) ** 2 for d in apart):  # may touch: compare pixels
-                pixels = np.asarray(one)[max(0, -y0):, max(0, -x0):][:here.shape[0], :here.shape[1]]
-                if (pixels > 0)[here].any():
-                    continue
+            here = taken[y0 + box:y0 + 2 * box, x0 + box:x0 + 2 * box]
+            if any(d < (2 * far + pad) ** 2 for d in apart) and (np.asarray(one) > 0)[here].any():
+                continue  # close enough to touch, and the pixels do
             halo = Image.new("L", (box, box), 0)
             _draw(ImageDraw.Draw(halo), combo.shape, cx - x0, cy - y0, size * grow, turn)
-            here |= (np.asarray(halo)[max(0, -y0):, max(0, -x0):] > 0)[:here.shape[0], :here.shape[1]]
+            here |= np.asarray(halo) > 0
             mask.paste(255, (x0, y0), one)
             centres.append((cx, cy))
             if len(centres) == count:
