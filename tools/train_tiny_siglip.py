@@ -206,11 +206,15 @@ def train(args: argparse.Namespace) -> dict:
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     worker_start = children.ru_utime + children.ru_stime
     start, cpu_start, history = time.perf_counter(), time.process_time(), []
+    token_ids: dict[tuple[str, ...], torch.Tensor] = {}
     for step in range(1, args.steps + 1):
         pixels, combos = next(batches)
         labels = sorted({combo.label for combo in combos}) + list(extra)
         positive = torch.tensor([[true_of(label, combo, extra) for label in labels] for combo in combos])
-        images, texts = embed(model, pixels, tokens(processor, labels))
+        key = tuple(labels)  # almost every batch holds all training captions: tokenize each set once
+        if key not in token_ids:
+            token_ids[key] = tokens(processor, labels)
+        images, texts = embed(model, pixels, token_ids[key])
         loss = sigmoid_loss(model, images, texts, positive)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
