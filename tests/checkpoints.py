@@ -9,6 +9,7 @@ reproduce the real vision/text sizes for benchmarks.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -39,11 +40,15 @@ def _sentencepiece_tokenizer(folder: Path, sentences: list[str] | None = None):
     import sentencepiece as spm
     from transformers import SiglipTokenizer
 
-    prefix = folder / "spm"
+    # trained into memory: given a model_prefix, sentencepiece records that (temporary) path in the
+    # model file, so the same sentences would give a different spiece.model in every folder
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences or _corpus()), model_prefix=str(prefix), vocab_size=120, model_type="unigram",
+        sentence_iterator=iter(sentences or _corpus()), model_writer=model, vocab_size=120, model_type="unigram",
         hard_vocab_limit=False, bos_id=-1, eos_id=1, unk_id=2, pad_id=-1, minloglevel=2)
-    return SiglipTokenizer(vocab_file=str(prefix) + ".model")
+    path = folder / "spm.model"
+    path.write_bytes(model.getvalue())
+    return SiglipTokenizer(vocab_file=str(path))
 
 
 def _bpe_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:

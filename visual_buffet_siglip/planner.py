@@ -177,7 +177,7 @@ def _choose_dtype(profile: HardwareProfile, setting: str, target: Target, notes:
         else:
             dtype = "float32"
             reasons["dtype"] = ("auto: float32 on CPU: exact (scores match the reference); bfloat16 is "
-                                "not chosen automatically: measured, it moves confidences by 0.01-0.05 "
+                                "not chosen automatically: measured, it moves confidences by 0.01-0.09 "
                                 "against float32, over the 0.005 allowed, though it kept every top tag of the "
                                 "model trained here (benchmarks/RESULTS.md)")
             if bf16:
@@ -198,7 +198,7 @@ def _choose_dtype(profile: HardwareProfile, setting: str, target: Target, notes:
                             'slow; float32 is the CPU default')
         elif dtype == "bfloat16" and device == "cpu":
             warnings.append('dtype = "bfloat16" on CPU: faster, but it moves confidences by up to '
-                            '0.01-0.05 against float32 (benchmarks/RESULTS.md); float32 is the CPU default')
+                            '0.01-0.09 against float32 (benchmarks/RESULTS.md); float32 is the CPU default')
         if dtype == "float32" and device != "cpu":
             reasons["dtype"] += " (twice the memory of float16/bfloat16)"
     if dtype == "float16" and gpu is not None and gpu.capability < (7, 0) \
