@@ -34,14 +34,14 @@ per-count size ranges, whose areas lie only 2-3% apart, the count became the lat
 read per colour and kind (0.80; weighting the count captions 3x too, 0.78). With the kinds
 weighted, the single size range came back: the count is then the easy attribute (0.99) and
 held-out top-1 is 0.95 at seed 0 (the committed checkpoint); seeds 1-3 gave 0.86, 0.97
-and 0.93, the misses being kinds named after the combination. Tried and dropped: an average of the weights over
-steps (EMA 0.998: 0.851 against 0.854), all one-attribute captions weighted 3x (0.43: the
-kinds came late), a larger learning rate for the embeddings, and a curriculum of one-attribute
-captions alone before the full ones from step 1,000 (neither had learnt the kinds by step
-1,000-2,000), captions naming two
+and 0.93, the misses being kinds named after the combination. Tried and dropped: an
+average of the weights over steps (EMA 0.998: 0.851 against 0.854), all one-attribute
+captions weighted 3x (0.43: the kinds came late), a larger learning rate for the
+embeddings, and a curriculum of one-attribute captions alone before the full ones from
+step 1,000 (neither had learnt the kinds by step 1,000-2,000), captions naming two
 attributes ("two circles", --attributes 2: 0.58 on 90 pictures), an 80 or 96 px input per
-CPU second, and a fourth vision layer (kinds learnt by step 1,000, but the count worse: 0.83,
-12.6 minutes).
+CPU second, and a fourth vision layer (kinds learnt by step 1,000, but the count worse:
+0.83, 12.6 minutes).
 
 Nine attribute combinations are never shown (synthetic_shapes.HELD_OUT); the
 held-out accuracy printed at each evaluation is on new pictures of those, ranked
@@ -218,17 +218,17 @@ def train(args: argparse.Namespace) -> dict:
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     worker_start = children.ru_utime + children.ru_stime
     start, cpu_start, history = time.perf_counter(), time.process_time(), []
-    token_ids: dict[tuple[str, ...], torch.Tensor] = {}
+    caption_sets: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # input_ids and loss weights
     for step in range(1, args.steps + 1):
         pixels, combos = next(batches)
         labels = sorted({combo.label for combo in combos}) + list(extra)
         positive = torch.tensor([[true_of(label, combo, extra) for label in labels] for combo in combos])
         key = tuple(labels)  # almost every batch holds all training captions: tokenize each set once
-        if key not in token_ids:
-            token_ids[key] = tokens(processor, labels)
-        weights = torch.tensor([args.shape_weight if set(extra.get(label, ())) == {"shape"} else 1.0
-                                for label in labels])
-        images, texts = embed(model, pixels, token_ids[key])
+        if key not in caption_sets:
+            caption_sets[key] = (tokens(processor, labels), torch.tensor(
+                [args.shape_weight if extra.get(label, {}).keys() == {"shape"} else 1.0 for label in labels]))
+        ids, weights = caption_sets[key]
+        images, texts = embed(model, pixels, ids)
         loss = sigmoid_loss(model, images, texts, positive, weights)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
